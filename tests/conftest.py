@@ -1,0 +1,32 @@
+"""Shared test setup: loopback-only Ray, offline hubs, CPU DeepSpeed, bundled real data."""
+
+from __future__ import annotations
+
+import os
+
+from sepit.ray_runtime import set_local_defaults
+
+set_local_defaults()
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+
+from sepit.resources import DATA_DIR  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The real public data bundled with the package (gzipped; see PROVENANCE.md)."""
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One small local Ray for the whole session (loopback only, 4 logical CPUs)."""
+    import ray
+
+    from sepit.ray_runtime import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
