@@ -1,0 +1,161 @@
+"""MLflow, in one place.
+
+Every sepit job is an MLflow run.  The tracking URI is, in order: an explicit argument / config
+value, ``MLFLOW_TRACKING_URI``, else a sqlite store inside the job's output folder (the plain
+``./mlruns`` file store is refused by recent MLflow unless explicitly allowed; sqlite works
+offline and survives concurrent writers on one machine).
+
+    with start_run("stage1", out_dir=out, parent_run_id=pipeline_run) as run:
+        log_params(cfg_dict); mlflow.log_metric(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+DEFAULT_EXPERIMENT = "sepit"
+MLFLOW_DB = "mlflow.db"
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    """``sqlite:///<out_dir>/mlflow.db`` (absolute path; the folder is created)."""
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / MLFLOW_DB}"
+
+
+def resolve_tracking_uri(uri: str | None = None, out_dir: str | Path | None = None) -> str:
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if out_dir is None:
+        raise ValueError("no MLflow tracking URI: pass one, set MLFLOW_TRACKING_URI, or give an output folder")
+    return default_tracking_uri(out_dir)
+
+
+def _artifact_location(uri: str) -> str | None:
+    # With a sqlite store, keep artifacts beside the database instead of ./mlruns in the CWD.
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def get_or_create_experiment(name: str, uri: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=_artifact_location(uri))
+    except Exception:  # created concurrently by another process
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> ``{"a.b": v}`` with values MLflow accepts (lists as JSON, max 6000 chars)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            if isinstance(v, (list, tuple)):
+                v = json.dumps(list(v), default=str)
+            s = str(v)
+            out[key] = s[:6000]
+    return out
+
+
+def system_info() -> dict[str, str]:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": str(torch.cuda.is_available()),
+        "cpu_count": str(os.cpu_count()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = str(torch.cuda.device_count())
+    for mod in ("ray", "deepspeed", "transformers", "mlflow"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            pass
+    return info
+
+
+@contextlib.contextmanager
+def start_run(
+    run_name: str,
+    *,
+    tracking_uri: str | None = None,
+    out_dir: str | Path | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """Start (or resume, with ``run_id``) an MLflow run; nested under ``parent_run_id`` if given.
+
+    Logs the system info as tags. Yields the active ``mlflow.ActiveRun``; the run ends FAILED if
+    the body raises.
+    """
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri, out_dir)
+    exp_id = get_or_create_experiment(experiment, uri)
+    all_tags = {f"sys.{k}": v for k, v in system_info().items()}
+    all_tags.update(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    # Do not let a run left active in this process (e.g. a pipeline parent) swallow ours.
+    active = mlflow.active_run()
+    nested = active is not None
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else exp_id,
+        run_name=None if run_id else run_name,
+        nested=nested,
+        tags=all_tags if not run_id else None,
+    ) as run:
+        yield run
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    import mlflow
+
+    flat = flatten(params)
+    items = list(flat.items())
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def log_dict_artifact(data: Any, name: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(data, name)
+
+
+def find_run_artifact_dir(run_id: str, tracking_uri: str, artifact_path: str = "") -> Path:
+    """Download (or locate, for a local store) a run's artifact folder; used for ``--init RUN_ID``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None)
+    return Path(local)
