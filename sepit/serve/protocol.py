@@ -1,0 +1,63 @@
+"""What the HTTP ingress sends the model replicas and what comes back (plain, picklable data).
+
+One :class:`GenerationItem` is one (protein, question) generation with its options; a
+``/v1/answer`` request with three questions sends three items, which the replica's dynamic
+batcher may group with other requests' items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class GenerationItem:
+    question: str
+    """Question text; holds ``<protein>`` at most once (prepended when absent)."""
+    sequence: str
+    """One-letter protein sequence, already validated."""
+    coords: Optional[np.ndarray] = None
+    """[n, 3] float32 Cα coordinates in Å, or None (sequence only)."""
+    coord_mask: Optional[np.ndarray] = None
+    """[n] bool, True where ``coords`` holds a real position."""
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    def options_key(self) -> tuple:
+        """Items with equal keys can share one ``generate`` call (options are per call)."""
+        return (self.max_new_tokens, self.do_sample, self.temperature, self.top_p, self.stop)
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    prompt_tokens: int = 0
+    """LLM prompt tokens with the protein span counted as residues + 2 (<cls>, <eos>)."""
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    """``stop`` (end token or a stop string) or ``length`` (hit ``max_new_tokens``)."""
+    batch_size: int = 0
+    """Items in the dynamic batch that produced this result."""
+    queue_ms: float = 0.0
+    generate_ms: float = 0.0
+    structure_used: bool = False
+    """Coordinates reached a structure-aware encoder (the model uses structure and the protein has some)."""
+    error: Optional[str] = None
+    """Set when this item was refused (e.g. a reserved token in the question); no text then."""
+    expired: bool = False
+    """The deadline passed before generation started; the item was skipped (no model work)."""
+
+
+@dataclass
+class StreamEvent:
+    """One step of a streamed generation: new text, then a final event with the counts."""
+
+    delta: str = ""
+    done: bool = False
+    result: Optional[GenerationResult] = field(default=None)
