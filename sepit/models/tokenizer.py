@@ -167,3 +167,28 @@ def load_llm_tokenizer(path: str | Path):
     add_sepit_special_tokens(tokenizer)
     special_token_ids(tokenizer)
     return tokenizer
+
+
+def bundled_tokenizer_corpus() -> list[str]:
+    """Real text shipped with sepit for training a tokenizer offline: the chat template's fixed
+    text, the bundled QA pairs and the UniProt annotation fields of the bundled proteins."""
+    import gzip
+    import json
+
+    from sepit.data.prompts import ASSISTANT_HEADER, SYSTEM_HEADER, SYSTEM_PROMPT, USER_HEADER
+    from sepit.resources import data_path
+
+    texts = [SYSTEM_HEADER + SYSTEM_PROMPT, USER_HEADER, ASSISTANT_HEADER]
+    with gzip.open(data_path("derived", "qa.jsonl.gz"), "rt") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts.append(f"{row['question']} {row['answer']}")
+    fields = ("protein_name", "function", "subcellular_location", "catalytic_activity",
+              "domain_comment", "similarity")
+    with gzip.open(data_path("derived", "proteins.jsonl.gz"), "rt") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts.extend(str(row[f]) for f in fields if row.get(f))
+            texts.extend(row.get("keywords") or [])
+            texts.extend(go["term"] for go in row.get("go") or [] if go.get("term"))
+    return texts

@@ -1,0 +1,386 @@
+"""SEPIT's protein-conditioned language model (stages 1 and 2; METHOD.md §3–4).
+
+    protein tokens/coords ─► ProteinEncoder (structure-aware ESM-2) ─► hidden_states[-2] [P, Lp, Dp]
+        ─► projector Linear(Dp→Dh)·GELU·Linear(Dh→Dl) ─► spliced at <protein> ─► Llama-family LLM
+
+Structure dropout (p = 0.15 per protein, training only) drops a protein's coordinates so the
+model also answers from sequence alone.  The training loss is the answer-token cross-entropy
+plus ``aux_loss_coef · Σ_layers l_aux`` once the LLM is upcycled to MoE (:mod:`sepit.models.moe`).
+Saving writes a self-contained folder (safetensors, config.json, tokenizer/); MoE blocks are
+always saved in the plain :class:`~sepit.models.moe.MoEFeedForward` layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sepit.config.base import check_choice, check_range, from_dict, to_dict
+from sepit.data.prompts import IGNORE_INDEX, encode_prompt
+from sepit.models.encoder import EncoderConfig, ProteinEncoder
+from sepit.models.generation import SamplingConfig, decode_from_embeddings
+from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
+from sepit.models.llm import LLMConfig, build_llm, build_llm_from_hf_config
+from sepit.models.moe import (
+    MoEConfig, clear_moe_stats, deepspeed_moe_state_dict, moe_aux_loss, moe_stats,
+    plain_moe_state_dict, set_moe_token_mask, upcycle_to_moe,
+)
+from sepit.models.protein_batch import ProteinBatch, collate_proteins
+from sepit.models.splice import SplicedInputs, splice_protein_embeddings
+from sepit.models.tokenizer import (
+    bundled_tokenizer_corpus, load_llm_tokenizer, special_token_ids, train_llm_tokenizer,
+)
+
+MODEL_TYPE = "sepit"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class ProjectorConfig:
+    hidden_size: int | None = None
+    """Inner width of Linear→GELU→Linear; None = the LLM's hidden size."""
+
+
+@dataclass
+class SepitConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """Protein encoder sizes (ignored when encoder_path / esm_checkpoint give the weights)."""
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """LLM sizes or a local folder (llm.path)."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """Protein→LLM projector."""
+    structure_dropout: float = 0.15
+    """Probability that a training protein loses its coordinates (sequence-only)."""
+    max_residues: int = 1022
+    """Longest protein accepted by generate(); longer ones are an error unless truncate=True."""
+    encoder_path: str | None = None
+    """Protein-encoder folder (ProteinEncoder.save_pretrained / stage-0 export) to start from."""
+    esm_checkpoint: str | None = None
+    """Local fair-esm ESM-2 .pt to start the encoder from (when encoder_path is not set)."""
+    tokenizer_path: str | None = None
+    """Local tokenizer folder; None = llm.path's tokenizer, else a BPE trained on bundled text."""
+    moe: MoEConfig | None = None
+    """Set by upcycle_to_moe (stage 2); saved models rebuild their MoE blocks from it."""
+
+    def __post_init__(self) -> None:
+        check_range(self.structure_dropout, "structure_dropout", lo=0.0, hi=1.0)
+        check_range(self.max_residues, "max_residues", lo=1)
+
+    @classmethod
+    def preset(cls, name: str) -> "SepitConfig":
+        """``tiny`` (tests, seconds), ``small`` (CPU demo), ``paper`` (ESM-2 650M + TinyLlama-1.1B sizes;
+        point ``esm_checkpoint`` and ``llm.path`` at local weights)."""
+        check_choice(name, "preset", ["tiny", "small", "paper"])
+        return cls(encoder=EncoderConfig.preset(name), llm=LLMConfig.preset(name))
+
+
+@dataclass
+class SepitOutput:
+    loss: torch.Tensor | None
+    """lm_loss + aux_loss_coef · aux_loss (None without labels)."""
+    logits: torch.Tensor
+    """[B, T', V] over the spliced sequence."""
+    lm_loss: torch.Tensor | None
+    """Mean next-token cross-entropy over labelled (answer) tokens."""
+    aux_loss: torch.Tensor | None
+    """Σ over MoE layers of the load-balancing loss (None for a dense LLM)."""
+    labels: torch.Tensor | None = None
+    """[B, T'] labels aligned with ``logits`` (IGNORE_INDEX on prompt, protein span, padding)."""
+    attention_mask: torch.Tensor | None = None
+    """[B, T'] spliced attention mask."""
+
+
+class ProteinProjector(nn.Module):
+    """Linear(D_plm → D_h) → GELU → Linear(D_h → D_llm), applied per protein token."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
+        super().__init__()
+        hidden_dim = hidden_dim or out_dim
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def build_tokenizer(config: SepitConfig):
+    if config.tokenizer_path:
+        return load_llm_tokenizer(config.tokenizer_path)
+    if config.llm.path:
+        return load_llm_tokenizer(config.llm.path)
+    return train_llm_tokenizer(bundled_tokenizer_corpus(), vocab_size=config.llm.vocab_size,
+                               model_max_length=config.llm.max_position_embeddings)
+
+
+def build_encoder(config: SepitConfig) -> ProteinEncoder:
+    if config.encoder_path:
+        return ProteinEncoder.from_pretrained(config.encoder_path)
+    if config.esm_checkpoint:
+        overrides = {k: v for k, v in to_dict(config.encoder).items()
+                     if k not in ("num_layers", "embed_dim", "attention_heads", "token_dropout")}
+        return ProteinEncoder.from_esm_checkpoint(config.esm_checkpoint, **overrides)
+    return ProteinEncoder(config.encoder)
+
+
+class SepitForConditionalGeneration(nn.Module):
+    """Protein encoder + projector + causal LM; see the module docstring.
+
+    Components may be passed in (``from_pretrained`` does); otherwise they are built from
+    ``config`` offline.  ``config`` is updated to describe what was built (encoder sizes, LLM
+    vocabulary), so saving it is enough to rebuild the model.
+    """
+
+    def __init__(self, config: SepitConfig, tokenizer=None, encoder: ProteinEncoder | None = None,
+                 llm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
+        self.token_ids = special_token_ids(self.tokenizer)
+        self.encoder = encoder if encoder is not None else build_encoder(config)
+        config.encoder = self.encoder.config
+        n_vocab = len(self.tokenizer)
+        self.llm = llm if llm is not None else build_llm(config.llm, vocab_size=n_vocab)
+        if self.llm.get_input_embeddings().num_embeddings < n_vocab:
+            # A loaded LLM lacks <pad>/<bop>/<protein>/<eop>: new rows start at the mean embedding.
+            self.llm.resize_token_embeddings(n_vocab, mean_resizing=True)
+        hf = self.llm.config
+        hf.pad_token_id, hf.eos_token_id = self.token_ids.pad, self.token_ids.eos
+        hf.bos_token_id = self.token_ids.bos
+        config.llm = dataclasses.replace(config.llm, vocab_size=self.llm.get_input_embeddings().num_embeddings)
+        self.projector = ProteinProjector(self.encoder.hidden_size, hf.hidden_size, config.projector.hidden_size)
+        self.projector.to(next(self.llm.parameters()).dtype)
+        # The LLM reads hidden_states[-2]; the encoder's last layer, final norm and heads never
+        # reach the loss.  Freezing them keeps optimizers and DDP/ZeRO from waiting on grads.
+        for p in self._unused_encoder_parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ parts
+    def _unused_encoder_parameters(self) -> list[nn.Parameter]:
+        enc = self.encoder
+        unused = [*enc.lm_head.parameters(), *enc.contact_head.parameters(),
+                  *enc.emb_layer_norm_after.parameters()]
+        if len(enc.layers) > 0:
+            unused += list(enc.layers[-1].parameters())
+        tied = {id(enc.embed_tokens.weight)}  # the MLM head shares the token embedding: keep it
+        return [p for p in unused if id(p) not in tied]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    def encode_proteins(self, protein: ProteinBatch, structure_dropout: bool | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (projected [P, Lp, D_llm], real token counts [P]) for a protein batch."""
+        drop = self.training if structure_dropout is None else structure_dropout
+        if drop and self.config.structure_dropout > 0:
+            lost = torch.rand(len(protein), device=protein.tokens.device) < self.config.structure_dropout
+            protein = protein.without_structure(lost)
+        coords = protein.coords if bool(protein.coord_mask.any()) else None
+        trainable = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            enc = self.encoder(protein.tokens, coords, protein.coord_mask if coords is not None else None,
+                               return_hidden_states=True)
+        hidden = enc.hidden_states[-2]  # [P, Lp, Dp], second-to-last layer (METHOD.md §3)
+        projected = self.projector(hidden.to(self.projector.fc1.weight.dtype))
+        return projected, protein.attention_mask.sum(1)
+
+    def splice(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, protein: ProteinBatch,
+               labels: torch.Tensor | None = None, protein_index: torch.Tensor | None = None,
+               padding_side: str = "right", structure_dropout: bool | None = None) -> SplicedInputs:
+        """Embed prompts and put each protein's projected real tokens at its ``<protein>``."""
+        projected, lengths = self.encode_proteins(protein, structure_dropout)
+        embed = self.llm.get_input_embeddings()
+        return splice_protein_embeddings(
+            embed(input_ids), input_ids, attention_mask, projected, lengths, self.token_ids.protein,
+            labels=labels, protein_index=protein_index, padding_side=padding_side,
+            pad_embedding=embed.weight[self.token_ids.pad].detach(),
+        )
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, protein: ProteinBatch,
+                labels: torch.Tensor | None = None, protein_index: torch.Tensor | None = None) -> SepitOutput:
+        """input_ids / attention_mask / labels [B, T] (prompt + answer, any padding side);
+        ``protein`` the ESM batch; ``protein_index`` [B] maps rows to proteins (default identity)."""
+        s = self.splice(input_ids, attention_mask, protein, labels, protein_index, padding_side="right")
+        clear_moe_stats(self)
+        set_moe_token_mask(self, s.attention_mask)
+        try:
+            out = self.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
+                           position_ids=s.position_ids, use_cache=False)
+        finally:
+            set_moe_token_mask(self, None)
+        lm_loss = None if s.labels is None else causal_lm_loss(out.logits, s.labels)
+        aux = moe_aux_loss(self)
+        loss = lm_loss
+        if loss is not None and aux is not None:
+            loss = loss + self.config.moe.aux_loss_coef * aux
+        return SepitOutput(loss, out.logits, lm_loss, aux, s.labels, s.attention_mask)
+
+    def moe_stats(self) -> dict[int, list[int]]:
+        """Tokens per expert per MoE layer in the last forward (padding excluded)."""
+        return moe_stats(self)
+
+    # ------------------------------------------------------------------ generation
+    def build_generation_inputs(self, questions: Sequence[str], proteins: Sequence[tuple],
+                                truncate: bool = False) -> SplicedInputs:
+        """Left-padded spliced prompts for ``questions`` and ``(sequence, coords|None, mask|None)``."""
+        if len(questions) != len(proteins):
+            raise ValueError(f"{len(questions)} questions but {len(proteins)} proteins; pass one protein per question")
+        if not questions:
+            raise ValueError("generate() needs at least one question")
+        prompts = [encode_prompt(self.tokenizer, q) for q in questions]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.token_ids.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        batch = collate_proteins(self.encoder.alphabet, list(proteins), max_residues=self.config.max_residues,
+                                 truncate=truncate).to(self.device)
+        return self.splice(ids.to(self.device), mask.to(self.device), batch, padding_side="left",
+                           structure_dropout=False)
+
+    @torch.no_grad()
+    def generate_ids(self, questions: Sequence[str], proteins: Sequence[tuple], max_new_tokens: int = 128,
+                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     stop: Sequence[str] | None = None, seed: int | None = None,
+                     truncate: bool = False) -> list[list[int]]:
+        """New token ids per question (eos excluded); see :meth:`generate`."""
+        cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, seed)
+        s = self.build_generation_inputs(questions, proteins, truncate)
+        stops = [x for x in (stop or []) if x]
+
+        def stop_check(_row: int, ids: list[int]) -> bool:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            return any(x in text for x in stops)
+
+        return decode_from_embeddings(
+            self, self.llm, s.inputs_embeds, s.attention_mask, s.position_ids,
+            self.token_ids.eos, self.token_ids.pad, cfg, stop_check if stops else None,
+        )
+
+    @torch.no_grad()
+    def generate(self, questions: Sequence[str], proteins: Sequence[tuple], max_new_tokens: int = 128,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 stop: Sequence[str] | None = None, seed: int | None = None, truncate: bool = False) -> list[str]:
+        """Answer each question about its protein; returns only the generated text.
+
+        ``proteins[i]`` is ``(sequence, coords [n, 3] Å | None, coord_mask [n] | None)``; batched
+        with left padding.  Generation ends at eos, after ``max_new_tokens``, or at the first of
+        the ``stop`` strings (cut from the text).
+        """
+        ids = self.generate_ids(questions, proteins, max_new_tokens, do_sample, temperature, top_p,
+                                stop, seed, truncate)
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+        for x in stop or []:
+            texts = [t.split(x, 1)[0] if x else t for t in texts]
+        return texts
+
+    # ------------------------------------------------------------------ LoRA, freezing, optimizer groups
+    def apply_lora(self, r: int = 8, alpha: int = 16, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+                   dropout: float = 0.05) -> None:
+        """Wrap the LLM with peft LoRA adapters (the LLM's base weights become frozen)."""
+        from peft import LoraConfig, get_peft_model
+
+        self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                       target_modules=list(target_modules)))
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.llm, "merge_and_unload")
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters into the LLM weights and drop the peft wrapper."""
+        if self.has_lora:
+            self.llm = self.llm.merge_and_unload()
+
+    def freeze(self, encoder: bool | None = None, llm: bool | None = None, projector: bool | None = None) -> None:
+        """True freezes a part, False unfreezes it, None leaves it as is."""
+        unused = {id(p) for p in self._unused_encoder_parameters()}
+        for flag, module in ((encoder, self.encoder), (llm, self.llm), (projector, self.projector)):
+            if flag is None:
+                continue
+            for p in module.parameters():
+                if id(p) not in unused:
+                    p.requires_grad_(not flag)
+
+    def param_groups(self, base_lr: float = 1e-4, encoder_lr_ratio: float = 0.1, llm_lr_ratio: float = 0.1,
+                     weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer groups by module membership: projector at ``base_lr``, encoder and LLM at
+        ``base_lr × ratio`` (METHOD.md §3); frozen parameters and empty groups are left out.
+        Each group has a ``name`` (DeepSpeed's MoE group split needs it)."""
+        groups = []
+        for name, module, lr in (("projector", self.projector, base_lr),
+                                 ("encoder", self.encoder, base_lr * encoder_lr_ratio),
+                                 ("llm", self.llm, base_lr * llm_lr_ratio)):
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params:
+                groups.append({"name": name, "params": params, "lr": lr, "weight_decay": weight_decay})
+        return groups
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | Path, extra_files: dict | None = None) -> Path:
+        """Self-contained folder: model.safetensors, config.json, tokenizer/ (no hub, no pickle)."""
+        if self.has_lora:
+            raise ModelFolderError("the LLM carries LoRA adapters; call merge_lora() before save_pretrained()")
+        cfg = copy.deepcopy(self.config)
+        sources = {"encoder_path": cfg.encoder_path, "esm_checkpoint": cfg.esm_checkpoint,
+                   "llm_path": cfg.llm.path, "tokenizer_path": cfg.tokenizer_path}
+        cfg.encoder_path = cfg.esm_checkpoint = cfg.tokenizer_path = None
+        cfg.llm = dataclasses.replace(cfg.llm, path=None)
+        if cfg.moe is not None:
+            cfg.moe.exported = True  # weights below are in the plain MoEFeedForward layout
+        config_dict = {
+            "model_type": MODEL_TYPE, "format_version": 1, "sepit": to_dict(cfg),
+            "llm_hf_config": self.llm.config.to_dict(), "encoder_alphabet": self.encoder.config.alphabet,
+            "tokenizer": TOKENIZER_DIR, "sources": sources,
+        }
+        out = save_folder(directory, plain_moe_state_dict(self.state_dict()), config_dict, extra_files)
+        self.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, moe_backend: str = "plain",
+                        map_location: str | torch.device = "cpu") -> "SepitForConditionalGeneration":
+        """Rebuild a saved model offline.  MoE layers come back as plain ``MoEFeedForward`` blocks
+        (``moe_backend="plain"``, for inference) or as DeepSpeed blocks (``"deepspeed"``, to train on)."""
+        check_choice(moe_backend, "moe_backend", ["plain", "deepspeed"])
+        data = read_config(directory)
+        if data.get("model_type") != MODEL_TYPE:
+            raise ModelFolderError(f"{directory}: config.json is not a sepit model (model_type={data.get('model_type')!r})")
+        config = from_dict(SepitConfig, data["sepit"])
+        moe_cfg, config.moe = config.moe, None
+        tokenizer = load_llm_tokenizer(Path(directory) / TOKENIZER_DIR)
+        model = cls(config, tokenizer=tokenizer, encoder=ProteinEncoder(config.encoder),
+                    llm=build_llm_from_hf_config(data["llm_hf_config"]))
+        state = load_state(directory)
+        if moe_cfg is not None:
+            upcycle_to_moe(model, num_experts=moe_cfg.num_experts, top_k=moe_cfg.top_k,
+                           capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
+                           layers=moe_cfg.layers, aux_loss_coef=moe_cfg.aux_loss_coef, ep_size=moe_cfg.ep_size,
+                           min_capacity=moe_cfg.min_capacity, use_deepspeed=moe_backend == "deepspeed")
+            if moe_backend == "deepspeed":
+                state = deepspeed_moe_state_dict(state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelFolderError(
+                f"{directory}: weights do not match the saved config (missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]})"
+            )
+        return model.to(map_location)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) over positions whose label is not IGNORE_INDEX."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    n = (shift_labels != IGNORE_INDEX).sum().clamp_min(1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum") / n
