@@ -321,7 +321,9 @@ def records_from_structure_text(
         try:
             rec = _chain_record(name, polymer, st.get_entity_of(polymer), modified, is_afdb, options, base)
         except RecordError as exc:
-            result.rejects.append(Reject(source, name, str(exc), "validate"))
+            reason = str(exc)
+            prefix = f"{entry}:{name}: "  # ProteinRecord.validate names the record; the reject already does
+            result.rejects.append(Reject(source, name, reason[len(prefix):] if reason.startswith(prefix) else reason, "validate"))
             continue
         result.records.append(rec)
     return result

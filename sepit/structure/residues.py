@@ -24,7 +24,7 @@ UNKNOWN_RESIDUE = "X"
 def _tabulated(name: str) -> tuple[bool, bool, str]:
     """(found, is_amino_acid, one_letter_code as gemmi tabulates it)."""
     info = gemmi.find_tabulated_residue(name)
-    if info is None:
+    if info is None or not info.found():  # gemmi returns a placeholder for names it does not know
         return False, False, " "
     return True, bool(info.is_amino_acid()), info.one_letter_code
 
