@@ -238,3 +238,36 @@ def test_fasta_records(tmp_path):
     reasons = [x.reason for x in r.rejects]
     assert reasons[0].startswith("sequence contains alignment gaps") and "'1'" in reasons[1]
     assert reasons[2] == "id ok repeats the record at line 3" and reasons[3] == "FASTA header is empty"
+
+
+def test_reference_pdb_h5_layout(tmp_path):
+    import h5py
+
+    afdb = load_records(DATA_DIR / "chlamatlas_afdb/afdb_models/AF-O84043-F1-model_v4.cif.gz")[0]
+    path = tmp_path / "pdb.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("O84043")
+        g.create_dataset("sequence", data=np.array([afdb.sequence.encode()]))
+        pos = afdb.coords.astype(np.float64)
+        pos[-2:] = 0.0  # the reference's all-zero "no coordinate" rows
+        g.create_dataset("node_position", data=pos)
+        z = f.create_group("P0CC05")
+        z.create_dataset("sequence", data=np.array([b"MKVL"]))
+        z.create_dataset("node_position", data=np.zeros((4, 3)))
+        bad = f.create_group("Q46403")
+        bad.create_dataset("sequence", data=np.array([b"MKVL"]))
+        bad.create_dataset("node_position", data=np.ones((3, 3)))
+        f.create_group("empty_group")
+    result = parse_file(path)
+    assert [r.id for r in result.records] == ["O84043", "P0CC05"]
+    rec, seq_only = result.records
+    assert rec.accession == "O84043" and rec.sequence == afdb.sequence and rec.source_format == "h5"
+    assert rec.coord_mask[:-2].all() and not rec.coord_mask[-2:].any()
+    np.testing.assert_allclose(rec.coords[:-2], afdb.coords[:-2])
+    assert seq_only.coords is None and not seq_only.has_structure
+    assert {r.chain: r.reason for r in result.rejects} == {
+        "Q46403": "node_position has 3 rows but the sequence has 4 residues",
+        "empty_group": "group lacks sequence, node_position",
+    }
+    gz = parse_bytes(gzip.compress(path.read_bytes()), "pdb.h5.gz")  # gzipped HDF5 works in memory
+    assert [r.id for r in gz.records] == ["O84043", "P0CC05"]
