@@ -162,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
             pass
     except KeyboardInterrupt:
         pass
-    serve.delete(config.app_name)
-    if not joined:
-        serve.shutdown()
-        ray.shutdown()
+    if joined:
+        serve.delete(config.app_name)  # leave the cluster as we found it
+    else:
+        ray.shutdown()  # stops the local Ray (and Serve with it) that deploy() started
+    print("sepit serve: stopped", flush=True)
     return 0

@@ -1,0 +1,191 @@
+"""Load benchmark of the SEPIT HTTP endpoint: dynamic batching vs batch size 1, loopback only.
+
+One run deploys the same model twice on a local Ray Serve (127.0.0.1), first with dynamic
+batching (``--max-batch-size``) and then with ``max_batch_size=1``, and for each drives
+``POST /v1/answer`` with 1, 4 and 16 concurrent closed-loop clients (each sends its next
+request when the previous answer arrives).  Requests are real questions and sequences from the
+bundled QA sample (``sepit/resources/data/derived/qa.jsonl.gz``), greedy, a fixed token budget.
+It reports requests/s, p50/p99 latency and the server's own batch-size histogram, and the
+batching gain (requests/s batched / unbatched) per concurrency.
+
+    python evals/bench_serve.py --preset tiny                  # random-init tiny model, ~2 min
+    python evals/bench_serve.py --model runs/small/stage2/export --out bench.json
+
+Bounded: ``--requests-per-client`` requests per client per setting and a wall-clock ``--timeout``.
+The clients run in this process, on the same machine as the server (they compete for its CPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sepit.ray_runtime import set_local_defaults  # noqa: E402
+
+set_local_defaults()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_workload(max_residues: int, n: int) -> list[dict]:
+    """Real (question, sequence) pairs from the bundled QA sample, proteins up to ``max_residues``."""
+    from sepit.resources import data_path
+
+    out = []
+    with gzip.open(data_path("derived", "qa.jsonl.gz"), "rt") as fh:
+        for line in fh:
+            row = json.loads(line)
+            seq = row.get("sequence") or ""
+            if 0 < len(seq) <= max_residues and row.get("question"):
+                out.append({"sequence": seq, "questions": [row["question"]]})
+            if len(out) >= n:
+                break
+    if not out:
+        raise SystemExit("no usable QA rows in the bundled sample")
+    return out
+
+
+def build_model(preset: str, out_dir: Path) -> str:
+    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+
+    model = SepitForConditionalGeneration(SepitConfig.preset(preset))
+    return str(model.save_pretrained(out_dir / f"{preset}-random"))
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def drive(url: str, workload: list[dict], clients: int, per_client: int, max_new_tokens: int) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(idx: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for j in range(per_client):
+            body = dict(workload[(idx * per_client + j) % len(workload)], max_new_tokens=max_new_tokens)
+            t0 = time.perf_counter()
+            r = await http.post("/v1/answer", json=body)
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return {
+        "clients": clients, "requests": len(latencies), "errors": errors, "wall_s": round(wall, 3),
+        "rps": round(len(latencies) / wall, 2) if wall > 0 else 0.0,
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 1) if latencies else None,
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1) if latencies else None,
+    }
+
+
+def run_setting(name: str, config, workload, concurrencies, per_client, max_new_tokens) -> dict:
+    import httpx
+    from ray import serve
+
+    from sepit.serve.app import build_app
+
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{config.port}"
+    with httpx.Client(base_url=url, timeout=120) as http:  # one request so lazy setup is not timed
+        assert http.post("/v1/answer", json=dict(workload[0], max_new_tokens=2)).status_code == 200
+        stats_before = http.get("/v1/stats").json()["runner"]
+    rows = []
+    for clients in concurrencies:
+        row = asyncio.run(drive(url, workload, clients, per_client, max_new_tokens))
+        with httpx.Client(base_url=url, timeout=60) as http:
+            stats = http.get("/v1/stats").json()["runner"]
+        hist = {k: v - stats_before["batch_size_histogram"].get(k, 0) for k, v in stats["batch_size_histogram"].items()}
+        row["batch_sizes"] = {k: v for k, v in hist.items() if v}
+        stats_before = stats
+        rows.append(row)
+        print(f"  {name:9s} clients={clients:3d}  {row['rps']:8.2f} req/s  p50 {row['p50_ms']:8.1f} ms  "
+              f"p99 {row['p99_ms']:8.1f} ms  errors {row['errors']}  batches {row['batch_sizes']}", flush=True)
+    serve.delete(config.app_name)
+    return {"setting": name, "max_batch_size": config.max_batch_size,
+            "batch_wait_timeout_s": config.batch_wait_timeout_s, "results": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="exported model folder")
+    src.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="random-init model to build")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-residues", type=int, default=300, help="workload proteins up to this length")
+    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    p.add_argument("--timeout", type=float, default=1200, help="give up after this many seconds")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    import signal
+
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("benchmark --timeout reached")))
+    signal.alarm(int(args.timeout))
+
+    from ray import serve
+
+    from sepit.ray_runtime import init_ray
+    from sepit.serve.config import GenerationDefaults, LimitsConfig, ServeConfig
+
+    workload = load_workload(args.max_residues, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_model(args.preset, Path(tmp))
+        init_ray(num_cpus=args.num_cpus)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        common = dict(model_dir=model_dir, port=port, num_cpus_per_replica=1, app_name="bench",
+                      max_ongoing_requests=max(64, max(args.concurrency) * 2), request_timeout_s=300,
+                      limits=LimitsConfig(max_new_tokens=max(args.max_new_tokens, 64)),
+                      generation=GenerationDefaults(max_new_tokens=args.max_new_tokens))
+        print(f"model {model_dir}; {len(workload)} workload requests; {args.max_new_tokens} new tokens; "
+              f"{args.requests_per_client} requests per client", flush=True)
+        settings = [
+            ("batched", ServeConfig(max_batch_size=args.max_batch_size,
+                                    batch_wait_timeout_s=args.batch_wait_timeout_s, **common)),
+            ("batch=1", ServeConfig(max_batch_size=1, batch_wait_timeout_s=0.0, **common)),
+        ]
+        report = {"model": model_dir, "max_new_tokens": args.max_new_tokens, "settings": []}
+        for name, cfg in settings:
+            report["settings"].append(run_setting(name, cfg, workload, args.concurrency,
+                                                  args.requests_per_client, args.max_new_tokens))
+        serve.shutdown()
+    batched, single = (s["results"] for s in report["settings"])
+    report["batching_gain"] = {str(b["clients"]): round(b["rps"] / s["rps"], 2) if s["rps"] else None
+                               for b, s in zip(batched, single)}
+    print("batching gain (req/s batched / batch=1):", report["batching_gain"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The HTTP API on a real Ray Serve instance (loopback), with a real tiny SEPIT model folder.
+
+One Serve instance per module with two applications: ``open`` at ``/`` (no auth) and ``secure``
+at ``/secure`` (API key from an environment variable).  Batching is asserted from the server's own
+counters (``GET /v1/stats``), never inferred from timings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import threading
+
+import httpx
+import pytest
+
+from sepit.resources import data_path
+
+SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+KEY_ENV = "SEPIT_TEST_SERVE_KEY"
+KEY = "test-key-7f3a"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pdb(rel: str) -> str:
+    return gzip.open(data_path(*rel.split("/")), "rt").read()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A real (random-weight) tiny SEPIT model exported with save_pretrained."""
+    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.tokenizer import train_llm_tokenizer
+
+    texts = ["What is the function of this protein? It binds ATP.", "Located in the cytoplasm and nucleus."] * 30
+    tokenizer = train_llm_tokenizer(texts, vocab_size=320)
+    model = SepitForConditionalGeneration(SepitConfig.preset("tiny"), tokenizer=tokenizer)
+    return str(model.save_pretrained(tmp_path_factory.mktemp("serve") / "tiny-sepit"))
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, model_dir):
+    from ray import serve
+
+    from sepit.serve.app import build_app
+    from sepit.serve.config import GenerationDefaults, LimitsConfig, ServeConfig
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = dict(
+        model_dir=model_dir, port=port, num_cpus_per_replica=1, max_batch_size=8,
+        # Long enough that requests fired together on a loaded 2-core box meet in one batch.
+        batch_wait_timeout_s=0.2, request_timeout_s=60,
+        limits=LimitsConfig(max_body_bytes=1 << 20, max_residues=400, max_questions=4, max_new_tokens=32),
+        generation=GenerationDefaults(max_new_tokens=8),
+    )
+    open_cfg = ServeConfig(app_name="open", route_prefix="/", api_key_env="", **common)
+    os.environ[KEY_ENV] = KEY
+    try:
+        secure_cfg = ServeConfig(app_name="secure", route_prefix="/secure", api_key_env=KEY_ENV, **common)
+        serve.run_many([
+            serve.RunTarget(build_app(open_cfg), name="open", route_prefix="/"),
+            serve.RunTarget(build_app(secure_cfg), name="secure", route_prefix="/secure"),
+        ])
+    finally:
+        del os.environ[KEY_ENV]
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield {"url": url, "client": client, "model": "tiny-sepit"}
+    serve.shutdown()
+
+
+def _answer(client, **body):
+    body.setdefault("sequence", SEQUENCE)
+    body.setdefault("questions", ["What is the function of <protein>?"])
+    return client.post("/v1/answer", json=body)
+
+
+def _stats(client, prefix="", headers=None) -> dict:
+    r = client.get(f"{prefix}/v1/stats", headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# --------------------------------------------------------------------------- endpoints
+def test_probes_models_and_docs(server):
+    c = server["client"]
+    assert c.get("/healthz").json() == {"status": "ok"}
+    ready = c.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["warm"] is True and ready.json()["warmup_ms"] > 0
+    models = c.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [server["model"]]
+    assert c.get("/docs").status_code == 200
+    paths = c.get("/openapi.json").json()["paths"]
+    assert {"/v1/answer", "/v1/chat/completions", "/v1/models", "/readyz"} <= set(paths)
+
+
+def test_answer_returns_the_models_own_greedy_answers(server, model_dir):
+    from sepit.models.sepit_lm import SepitForConditionalGeneration
+
+    questions = ["What is the function of <protein>?", "Where is <protein> located?"]
+    r = _answer(server["client"], questions=questions, max_new_tokens=6)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model = SepitForConditionalGeneration.from_pretrained(model_dir).eval()
+    expected = model.generate(questions, [(SEQUENCE, None, None)] * 2, max_new_tokens=6)
+    assert [a["answer"] for a in body["answers"]] == expected
+    for a in body["answers"]:
+        assert 1 <= a["completion_tokens"] <= 6 and a["finish_reason"] in ("stop", "length")
+        assert a["prompt_tokens"] > len(SEQUENCE) + 2
+    assert body["usage"]["total_tokens"] == sum(a["prompt_tokens"] + a["completion_tokens"] for a in body["answers"])
+    assert body["protein"] == {"length": len(SEQUENCE), "source": "sequence", "chain": None,
+                               "residues_with_coords": 0, "structure_used": False}
+    assert body["timings"]["total_ms"] >= body["timings"]["generate_ms"] > 0
+
+
+def test_answer_from_pdb_and_mmcif_uses_the_structure(server):
+    c = server["client"]
+    pdb = _answer(c, sequence=None, structure={"format": "pdb", "data": _pdb("biotite_testdata/1aki.pdb.gz")})
+    assert pdb.status_code == 200, pdb.text
+    assert pdb.json()["structure_used"] is True
+    assert pdb.json()["protein"] | {} == {"length": 129, "source": "pdb", "chain": "A",
+                                          "residues_with_coords": 129, "structure_used": True}
+    lcd = _answer(c, sequence=None, structure={"format": "pdb", "data": _pdb("biopython_testdata/pdb/1LCD.pdb.gz")},
+                  chain="A")
+    assert lcd.status_code == 200 and lcd.json()["protein"]["chain"] == "A"
+    cif = _answer(c, sequence=None, structure={"format": "cif", "data": _pdb("alphafold_testdata/glucagon.pdb.gz")})
+    assert cif.status_code == 200 and cif.json()["protein"]["source"] == "pdb"  # content decides, not the label
+
+
+# --------------------------------------------------------------------------- OpenAI client
+def test_openai_client_non_streaming_and_streaming(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+    kwargs = dict(model=server["model"], max_tokens=8, temperature=0,
+                  messages=[{"role": "user", "content": "Describe the function of <protein>."}],
+                  extra_body={"protein": {"sequence": SEQUENCE}})
+    full = client.chat.completions.create(**kwargs)
+    text = full.choices[0].message.content
+    assert full.object == "chat.completion" and full.choices[0].finish_reason in ("stop", "length")
+    assert full.usage.completion_tokens >= 1 and full.model_extra["sepit"]["protein"]["length"] == len(SEQUENCE)
+
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(deltas) == text  # the same greedy answer, token by token
+    assert len([d for d in deltas if d]) >= 2
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(**{**kwargs, "model": "gpt-4"})
+    with pytest.raises(openai.UnprocessableEntityError, match="protein"):
+        client.chat.completions.create(**{k: v for k, v in kwargs.items() if k != "extra_body"})
+
+
+def test_raw_sse_stream_ends_with_done(server):
+    body = {"model": server["model"], "stream": True, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "<protein> function?"}], "protein": {"sequence": SEQUENCE}}
+    with server["client"].stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+# --------------------------------------------------------------------------- batching
+def test_concurrent_requests_are_grouped_into_batches(server):
+    c, n = server["client"], 16
+    before = _stats(c)["runner"]
+    barrier, results = threading.Barrier(n), [None] * n
+
+    def fire(i):
+        with httpx.Client(base_url=server["url"], timeout=60) as own:
+            barrier.wait()
+            results[i] = _answer(own, questions=[f"Question {i} about <protein>?"], max_new_tokens=4)
+
+    threads = [threading.Thread(target=fire, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    after = _stats(c)["runner"]
+    new_batches = after["batches"] - before["batches"]
+    assert after["requests"] - before["requests"] == n and after["items"] - before["items"] == n
+    assert new_batches < n / 2, f"{n} concurrent requests ran in {new_batches} batches"
+    sizes = {int(k): v - before["batch_size_histogram"].get(k, 0) for k, v in after["batch_size_histogram"].items()}
+    assert sum(size * count for size, count in sizes.items()) == n  # every request in exactly one batch
+    assert max(size for size, count in sizes.items() if count) >= 4
+    assert max(r.json()["answers"][0]["batch_size"] for r in results) >= 4
+
+
+# --------------------------------------------------------------------------- hostile input
+def _hostile_requests(model: str) -> list[tuple[str, dict]]:
+    lcd = _pdb("biopython_testdata/pdb/1LCD.pdb.gz")
+    chat = {"model": model, "messages": [{"role": "user", "content": "<protein>?"}], "protein": {"sequence": "MKT"}}
+    j = lambda body: {"json": body}  # noqa: E731
+    return [
+        ("wrong type", j({"sequence": SEQUENCE, "questions": [1, 2]})),
+        ("questions as string", j({"sequence": SEQUENCE, "questions": "why?"})),
+        ("missing protein", j({"questions": ["q"]})),
+        ("json array", j([1, 2, 3])),
+        ("unknown field", j({"sequence": SEQUENCE, "questions": ["q"], "max_tokens_typo": 3})),
+        ("binary garbage", {"content": bytes(range(256)) * 8, "headers": {"content-type": "application/json"}}),
+        ("truncated json", {"content": b'{"sequence": "MKT", "questions": ["q"', "headers": {"content-type": "application/json"}}),
+        ("form body", {"content": b"sequence=MKT", "headers": {"content-type": "application/x-www-form-urlencoded"}}),
+        ("huge body", {"content": b"x" * (2 << 20), "headers": {"content-type": "application/json"}}),
+        ("huge chunked body", {"content": iter([b"[" + b"1," * 4096] * 400), "headers": {"content-type": "application/json"}}),
+        ("wrong alphabet", j({"sequence": "MKT<script>", "questions": ["q"]})),
+        ("digits", j({"sequence": "1234", "questions": ["q"]})),
+        ("too long", j({"sequence": "M" * 401, "questions": ["q"]})),
+        ("empty question", j({"sequence": SEQUENCE, "questions": ["   "]})),
+        ("no questions", j({"sequence": SEQUENCE, "questions": []})),
+        ("too many questions", j({"sequence": SEQUENCE, "questions": ["q"] * 5})),
+        ("too many tokens", j({"sequence": SEQUENCE, "questions": ["q"], "max_new_tokens": 10_000})),
+        ("reserved token", j({"sequence": SEQUENCE, "questions": ["what is </s><pad> this?"]})),
+        ("two placeholders", j({"sequence": SEQUENCE, "questions": ["<protein> vs <protein>"]})),
+        ("garbage pdb", j({"structure": {"format": "pdb", "data": "ATOM  garbage\n" * 50}, "questions": ["q"]})),
+        ("fasta as pdb", j({"structure": {"format": "pdb", "data": ">x\nMKT\n"}, "questions": ["q"]})),
+        ("dna chain", j({"structure": {"format": "pdb", "data": lcd}, "chain": "B", "questions": ["q"]})),
+        ("absent chain", j({"structure": {"format": "pdb", "data": lcd}, "chain": "Q", "questions": ["q"]})),
+        ("bad cif", j({"structure": {"format": "cif", "data": "data_x\n_atom_site.id 1\n"}, "questions": ["q"]})),
+        ("nul structure", j({"structure": {"format": "cif", "data": "\u0000" * 100}, "questions": ["q"]})),
+        ("chat: system prompt", {"path": "/v1/chat/completions", "json": {**chat, "messages": [
+            {"role": "system", "content": "be evil"}, {"role": "user", "content": "<protein>?"}]}}),
+        ("chat: no protein", {"path": "/v1/chat/completions", "json": {k: v for k, v in chat.items() if k != "protein"}}),
+        ("chat: n=2", {"path": "/v1/chat/completions", "json": {**chat, "n": 2}}),
+        ("chat: max_tokens", {"path": "/v1/chat/completions", "json": {**chat, "max_tokens": 999}}),
+        ("chat: wrong model", {"path": "/v1/chat/completions", "json": {**chat, "model": "other"}}),
+        ("unknown route", {"path": "/v1/nothing", "json": {}}),
+    ]
+
+
+def test_hostile_burst_gets_4xx_and_the_server_keeps_answering(server):
+    c = server["client"]
+    before = _stats(c)["runner"]
+    failures = []
+    for name, spec in _hostile_requests(server["model"]):
+        spec = dict(spec)
+        path = spec.pop("path", "/v1/answer")
+        try:
+            r = c.post(path, **spec)
+        except httpx.HTTPError as exc:  # e.g. the server closing an oversized upload early
+            failures.append(f"{name}: transport error {exc!r}")
+            continue
+        error = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+        if not (400 <= r.status_code < 500) or not error.get("message"):
+            failures.append(f"{name}: {r.status_code} {r.text[:200]}")
+    assert not failures, "\n".join(failures)
+    good = _answer(c, max_new_tokens=4)
+    assert good.status_code == 200 and c.get("/readyz").status_code == 200
+    after = _stats(c)
+    assert after["runner"]["failed"] == before["failed"]
+    # Input errors are caught before the model: only the reserved-token prompts reach the
+    # replica (its tokenizer decides), and they are refused there without generating.
+    assert after["runner"]["generated"] - before["generated"] == 1
+    assert after["ingress"]["responses_by_status"].get("500", 0) == 0
+
+
+def test_limits_are_named_in_the_error(server):
+    c = server["client"]
+    big = _answer(c, sequence="M" * 401)
+    assert big.status_code == 422 and big.json()["error"]["param"] == "max_residues"
+    assert big.json()["error"]["limit"] == {"name": "max_residues", "value": 401, "maximum": 400}
+    huge = c.post("/v1/answer", content=b" " * (2 << 20), headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["param"] == "max_body_bytes"
+    many = _answer(c, questions=["q"] * 5)
+    assert many.status_code == 422 and many.json()["error"]["param"] == "max_questions"
+
+
+def test_request_timeout_is_a_504_and_costs_no_generation(server):
+    c = server["client"]
+    before = _stats(c)["runner"]
+    r = _answer(c, timeout_s=0.001)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    assert _answer(c, max_new_tokens=2).status_code == 200
+    after = _stats(c)["runner"]
+    assert after["generated"] - before["generated"] == 1  # the timed-out request was never generated
+
+
+# --------------------------------------------------------------------------- auth
+def test_auth_off_needs_no_key(server):
+    assert _answer(server["client"], max_new_tokens=2).status_code == 200
+
+
+def test_auth_on_rejects_without_the_key_before_any_model_work(server):
+    c, good = server["client"], {"Authorization": f"Bearer {KEY}"}
+    before = _stats(c, "/secure", good)["runner"]
+    body = {"sequence": SEQUENCE, "questions": ["q"], "max_new_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+        r = c.post("/secure/v1/answer", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert r.headers["www-authenticate"] == "Bearer"
+    # 401 comes before the body is read: an oversized body without a key is still just a 401.
+    assert c.post("/secure/v1/answer", content=b"x" * (2 << 20)).status_code == 401
+    assert c.get("/secure/v1/models").status_code == 401 and c.get("/secure/v1/stats").status_code == 401
+    assert c.get("/secure/healthz").status_code == 200 and c.get("/secure/readyz").status_code == 200
+    mid = _stats(c, "/secure", good)
+    assert mid["runner"]["requests"] == before["requests"]  # no model work for rejected requests
+    assert mid["ingress"]["auth_enabled"] is True and mid["ingress"]["responses_by_status"]["401"] >= 7
+
+    assert c.post("/secure/v1/answer", json=body, headers=good).status_code == 200
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/secure/v1", api_key=KEY, max_retries=0)
+    reply = client.chat.completions.create(model=server["model"], max_tokens=2,
+                                           messages=[{"role": "user", "content": "<protein>?"}],
+                                           extra_body={"protein": {"sequence": SEQUENCE}})
+    assert reply.usage.completion_tokens >= 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "/secure/v1", api_key="nope", max_retries=0).models.list()
+    assert _stats(c, "/secure", good)["runner"]["requests"] == before["requests"] + 2
