@@ -197,6 +197,8 @@ def test_collate_aligns_coordinates_to_tokens(structures):
     assert not b.coord_mask[:, 0].any() and not b.coord_mask[0, n0 + 1 :].any()
     assert b.coord_mask[1, 1 : n1 + 1].tolist() == m1.tolist()
     assert b.lengths.tolist() == [n0, n1] and b.residue_mask.sum(1).tolist() == [n0, n1]
+    flat = collate_proteins(ALPHABET, [(s0, c0.reshape(-1).tolist(), None)])  # Parquet row layout
+    torch.testing.assert_close(flat.coords[0], b.coords[0, : n0 + 2])
 
 
 def test_collate_truncates_together_or_refuses(structures):

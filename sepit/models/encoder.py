@@ -135,8 +135,9 @@ class StructureAwareLayer(TransformerLayer):
             probs = F.softmax(scores.float(), dim=-1).type_as(scores)  # fp32 softmax as fair-esm
             o = probs @ v
         else:
-            # q already carries 1/sqrt(hd), hence scale=1.
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=1.0)
+            # q already carries 1/sqrt(hd), hence scale=1; the mask must match q's dtype (autocast).
+            mask = None if attn_bias is None else attn_bias.to(q.dtype)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         x = x + attn.out_proj(o.transpose(1, 2).reshape(B, L, D))
         h = self.final_layer_norm(x)
         return x + self.fc2(gelu(self.fc1(h)))

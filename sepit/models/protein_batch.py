@@ -99,7 +99,8 @@ def collate_proteins(
 ) -> ProteinBatch:
     """Tokenise ``(sequence, coords [n, 3] | None, coord_mask [n] | None)`` items into a batch.
 
-    ``coord_mask=None`` with coords means every residue has a coordinate.  Coordinates at
+    ``coords`` may also be the flat 3n list of the Parquet rows.  ``coord_mask=None`` with
+    coords means every residue has a coordinate.  Coordinates at
     masked-out residues are ignored (and stored as 0).  Raises :class:`ProteinBatchError` naming
     the item for empty / over-long sequences, unknown residues or misaligned coordinates.
     """
@@ -119,6 +120,8 @@ def collate_proteins(
             c, m = np.zeros((n, 3), np.float32), np.zeros(n, bool)
         else:
             c = _as_array(coords, "coords", index).astype(np.float32)
+            if c.shape == (3 * n,):  # the flat [x1, y1, z1, x2, ...] layout of the Parquet rows
+                c = c.reshape(n, 3)
             if c.shape != (n, 3):
                 raise ProteinBatchError(
                     f"item {index}: coords shape {c.shape} does not match sequence length {n} (expected ({n}, 3))"

@@ -133,13 +133,10 @@ class StructureBias(nn.Module):
         bias = self.pair_bias(phi).masked_fill(~valid.unsqueeze(-1), 0.0)  # [B, c, L, H]
         return bias, phi.sum(2)
 
-    def _finish(self, bias_rows: torch.Tensor, phi_sum: torch.Tensor, mask: torch.Tensor) -> StructureBiasOutput:
-        # bias_rows [B, L, L, H] -> [B, H, L, L]; edge feature only on rows that have a coordinate.
+    def _finish(self, attn_bias: torch.Tensor, phi_sum: torch.Tensor, mask: torch.Tensor) -> StructureBiasOutput:
+        # attn_bias [B, H, L, L]; the edge feature only on rows that have a coordinate.
         edge = _linear32(self.edge_proj, phi_sum) * mask.unsqueeze(-1)
-        return StructureBiasOutput(
-            attn_bias=bias_rows.permute(0, 3, 1, 2).contiguous(),
-            edge_embedding=self.config.edge_scale * edge,
-        )
+        return StructureBiasOutput(attn_bias=attn_bias, edge_embedding=self.config.edge_scale * edge)
 
     @staticmethod
     def _check(coords: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,23 +164,26 @@ class StructureBias(nn.Module):
                 self.config.checkpoint_chunks and torch.is_grad_enabled()
                 and any(p.requires_grad for p in self.parameters()) and L > step
             )
-            biases, sums = [], []
+            B, H = coords.shape[0], self.config.num_heads
+            # Written chunk by chunk into the output (no concatenated copy of [B, H, L, L]).
+            bias = coords.new_empty(B, H, L, L)
+            sums = []
             for start in range(0, L, step):
                 end = min(start + step, L)
                 if use_ckpt:
-                    b, s = checkpoint(self._rows, coords, mask, start, end, use_reentrant=False)
+                    rows, phi_sum = checkpoint(self._rows, coords, mask, start, end, use_reentrant=False)
                 else:
-                    b, s = self._rows(coords, mask, start, end)
-                biases.append(b)
-                sums.append(s)
-            return self._finish(torch.cat(biases, 1), torch.cat(sums, 1), mask)
+                    rows, phi_sum = self._rows(coords, mask, start, end)
+                bias[:, :, start:end] = rows.permute(0, 3, 1, 2)
+                sums.append(phi_sum)
+            return self._finish(bias, torch.cat(sums, 1), mask)
 
     def naive(self, coords: torch.Tensor, coord_mask: torch.Tensor) -> StructureBiasOutput:
         """The unchunked formula (materialises [B, L, L, K]); the reference for tests/benchmarks."""
         coords, mask = self._check(coords, coord_mask)
         with torch.autocast(device_type=coords.device.type, enabled=False):
-            bias, phi_sum = self._rows(coords, mask, 0, coords.shape[1])
-            return self._finish(bias, phi_sum, mask)
+            bias, phi_sum = self._rows(coords, mask, 0, coords.shape[1])  # [B, L, L, H]
+            return self._finish(bias.permute(0, 3, 1, 2).contiguous(), phi_sum, mask)
 
     # ------------------------------------------------------------------ sparse residue graph
     def residue_graph(self, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -212,8 +212,9 @@ class StructureBias(nn.Module):
         phi = self.gaussian(d)  # [E, K]
         zero_phi = phi.new_zeros(1, phi.shape[-1])
         off_graph = self.pair_bias(zero_phi)[0]  # [H]: MLP(0), the bias of a valid non-edge pair
-        valid = (mask[:, :, None] & mask[:, None, :]).unsqueeze(-1)  # [B, L, L, 1]
-        bias = valid * off_graph  # [B, L, L, H]
-        bias = bias.index_put((b, i, j), self.pair_bias(phi))
+        valid = mask[:, None, :, None] & mask[:, None, None, :]  # [B, 1, L, L]
+        bias = valid * off_graph[None, :, None, None]  # [B, H, L, L]
+        # scatter edge values through a [B, L, L, H] view; the result keeps the [B, H, L, L] layout
+        bias = bias.permute(0, 2, 3, 1).index_put((b, i, j), self.pair_bias(phi)).permute(0, 3, 1, 2)
         phi_sum = phi.new_zeros(B, L, phi.shape[-1]).index_put((b, i), phi, accumulate=True)
         return self._finish(bias, phi_sum, mask)
