@@ -271,3 +271,30 @@ def test_reference_pdb_h5_layout(tmp_path):
     }
     gz = parse_bytes(gzip.compress(path.read_bytes()), "pdb.h5.gz")  # gzipped HDF5 works in memory
     assert [r.id for r in gz.records] == ["O84043", "P0CC05"]
+
+
+def test_alphafold_model_is_recognised_by_content_when_renamed():
+    text = text_of("chlamatlas_afdb/afdb_models/AF-O84033-F1-model_v4.cif.gz").replace("AF-O84033-F1", "my_model")
+    result = parse_structure_text(text, "mmcif", "upload.cif")  # no AF-... name left anywhere
+    rec = result.records[0]
+    assert result.source_format == rec.source_format == "afdb"
+    assert (rec.id, rec.accession) == ("upload:A", "O84033")  # accession from _ma_target_ref_db_details
+    assert rec.plddt is not None and rec.plddt.min() > 0
+
+
+def test_microheterogeneity_keeps_the_most_occupied_residue():
+    """Two residue names at one position (ALA altloc A 0.30 / SER altloc B 0.70): SER wins."""
+    lines = text_of("biotite_testdata/1aki.pdb.gz").splitlines()
+    idx = [i for i, ln in enumerate(lines) if ln.startswith("ATOM") and ln[22:26].strip() == "10"]
+    res10 = [lines[i] for i in idx]
+    ala = [ln[:16] + "A" + ln[17:54] + "  0.30" + ln[60:] for ln in res10]
+    ser = []
+    for ln in res10[:5]:  # N CA C O CB, the SER conformer's CA moved by +1 Å in x
+        x = float(ln[30:38]) + (1.0 if ln[12:16] == " CA " else 0.0)
+        ser.append(ln[:16] + "B" + "SER" + ln[20:30] + f"{x:8.3f}" + ln[38:54] + "  0.70" + ln[60:])
+    orig = parse_structure_text("\n".join(lines), "pdb", "1aki.pdb").records[0]
+    rec = parse_structure_text("\n".join(lines[:idx[0]] + ala + ser + lines[idx[-1] + 1:]), "pdb", "1aki.pdb").records[0]
+    i = rec.meta["residue_ids"].index("10")
+    assert (orig.sequence[i], rec.sequence[i], rec.meta["sequence_source"]) == ("A", "S", "seqres")
+    np.testing.assert_allclose(rec.coords[i] - orig.coords[i], [1.0, 0.0, 0.0], atol=1e-3)
+    assert rec.sequence[:i] + rec.sequence[i + 1:] == orig.sequence[:i] + orig.sequence[i + 1:]

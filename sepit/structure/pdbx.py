@@ -100,7 +100,7 @@ def _group_by_position(polymer: gemmi.ResidueSpan) -> list[list[gemmi.Residue]]:
 
 
 def _seqres_positions(
-    polymer: gemmi.ResidueSpan, entity: Optional[gemmi.Entity], groups: list[list[gemmi.Residue]]
+    entity: Optional[gemmi.Entity], groups: list[list[gemmi.Residue]]
 ) -> tuple[Optional[list[tuple[str, Optional[list[gemmi.Residue]]]]], str]:
     """[(stated residue name, observed alternatives or None)] along the stated sequence, or None + why not."""
     full = list(entity.full_sequence) if entity is not None else []
@@ -114,7 +114,7 @@ def _seqres_positions(
         if label in observed:
             return None, f"two modelled residues align to stated position {label}"
         allowed = full[label - 1].split(",")
-        if not all(r.name in allowed for r in group):
+        if not any(r.name in allowed for r in group):  # microheterogeneity: one alternative is stated
             return None, f"residue {group[0].name} {_residue_id(group[0])} differs from the stated {full[label - 1]}"
         observed[label] = group
     return [(gemmi.Entity.first_mon(item), observed.get(i + 1)) for i, item in enumerate(full)], ""
@@ -132,7 +132,7 @@ def _chain_record(
     groups = _group_by_position(polymer)
     positions, why_not = (None, "sequence_source=model")
     if options.sequence_source == "seqres":
-        positions, why_not = _seqres_positions(polymer, entity, groups)
+        positions, why_not = _seqres_positions(entity, groups)
     meta = dict(base["meta"])
     if positions is None:
         positions = [(g[0].name, g) for g in groups]
@@ -191,7 +191,7 @@ def _chain_record(
     )
 
 
-def _is_afdb(fmt: str, text: str, block: Optional[gemmi.cif.Block], entry: str) -> bool:
+def _is_afdb(text: str, block: Optional[gemmi.cif.Block], entry: str) -> bool:
     if acc.AFDB_ENTRY.search(entry):
         return True
     if block is not None:
@@ -277,7 +277,7 @@ def records_from_structure_text(
     except (RuntimeError, ValueError) as exc:
         result.rejects.append(Reject(source, None, f"inconsistent {label} entities: {exc}", "parse"))
         return result
-    is_afdb = _is_afdb(fmt, text, block, entry)
+    is_afdb = _is_afdb(text, block, entry)
     if is_afdb:
         result.source_format = "afdb"
         m = acc.AFDB_ENTRY.search(entry) or acc.AFDB_ENTRY.search(st.name)
