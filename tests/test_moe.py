@@ -23,6 +23,15 @@ QA = [("What does <protein> do?", "It hydrolyses NAD(+)."),
       ("Is <protein> an enzyme?", "Yes")]
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is ~5x faster than two spinning against busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module")
 def process_group():
     """A one-process gloo group, as DeepSpeed's engine would set up, with expert groups made."""
@@ -186,3 +195,55 @@ def test_stage2_model_roundtrips_and_generates_the_same(dense_model, process_gro
     with torch.no_grad():
         a, b = loaded(ids, mask, prot, labels), ds(ids, mask, prot, labels)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_deepspeed_engine_trains_the_upcycled_model_at_zero2(dense_model, process_group):
+    """deepspeed.initialize finds the MoE blocks (sets their expert groups) and a ZeRO-2 step
+    with the split optimizer groups updates routers and experts."""
+    import deepspeed
+
+    m = copy.deepcopy(dense_model)
+    upcycle_to_moe(m, num_experts=2, top_k=1)
+    m.freeze(encoder=True)
+    m.config.structure_dropout = 0.0
+    opt = torch.optim.AdamW(split_moe_param_groups(m.param_groups(base_lr=1e-2, llm_lr_ratio=1.0)))
+    engine, _, _, _ = deepspeed.initialize(model=m, optimizer=opt, config={
+        "train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0,
+    })
+    blocks = dict(moe_blocks(m))
+    router0 = blocks[0].router.weight.detach().clone()
+    expert0 = blocks[0].experts[0].down_proj.weight.detach().clone()
+    ids, mask, labels, prot = _batch(m)
+    m.train()
+    losses = []
+    for _ in range(4):
+        out = engine(ids, mask, prot, labels)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < losses[0]
+    assert not torch.equal(blocks[0].router.weight, router0)
+    assert not torch.equal(blocks[0].experts[0].down_proj.weight, expert0)
+    assert sum(m.moe_stats()[0]) == int(out.attention_mask.sum())
+
+
+def test_activation_checkpointing_reroutes_identically(dense_model, process_group):
+    """Recomputing MoE blocks in backward sees the same padding mask: same loss, same grads."""
+    m, _ = _upcycled(dense_model, perturb=True, num_experts=2, layers=[1])
+    m.train()
+    m.config.structure_dropout = 0.0
+    ids, mask, labels, prot = _batch(m)
+    router = m.llm.model.layers[1].mlp.router.weight
+    torch.manual_seed(5)  # DeepSpeed's random token selection draws from the global RNG
+    plain = m(ids, mask, prot, labels)
+    plain.loss.backward()
+    grad = router.grad.clone()
+    m.zero_grad()
+    m.gradient_checkpointing_enable()
+    torch.manual_seed(5)
+    ckpt = m(ids, mask, prot, labels)
+    ckpt.loss.backward()
+    torch.testing.assert_close(ckpt.loss, plain.loss)
+    torch.testing.assert_close(router.grad, grad)
+    assert grad.abs().sum() > 0

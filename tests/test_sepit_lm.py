@@ -23,6 +23,15 @@ QA = [
 ]
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is ~5x faster than two spinning against busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -246,3 +255,39 @@ def test_paper_preset_shapes_on_meta_device(model):
     assert tuple(m.projector.fc1.weight.shape) == (2048, 1280)
     assert tuple(m.projector.fc2.weight.shape) == (2048, 2048)
     assert EncoderConfig.preset("paper").num_layers == 33
+
+
+def test_builds_from_local_llm_and_encoder_folders(model, tmp_path):
+    """A TinyLlama-like local folder (its tokenizer pads with </s>, lacks SEPIT tokens) and a saved
+    protein encoder: the tokenizer gains <pad>/<bop>/<protein>/<eop>, the LLM grows 4 embedding
+    rows, and the loaded weights are used as they are."""
+    from test_tokenizer import _llama_style_folder
+    from transformers import LlamaForCausalLM
+
+    from sepit.models.llm import llama_config
+    from sepit.models.tokenizer import bundled_tokenizer_corpus
+
+    folder = tmp_path / "llama"
+    n_base = _llama_style_folder(bundled_tokenizer_corpus(), folder)
+    torch.manual_seed(1)
+    LlamaForCausalLM(llama_config(LLMConfig.preset("tiny"), vocab_size=n_base)).save_pretrained(str(folder))
+    model.encoder.save_pretrained(tmp_path / "encoder")
+    cfg = SepitConfig.preset("tiny")
+    cfg.llm = cfg.llm.with_path(folder)
+    cfg.encoder_path = str(tmp_path / "encoder")
+    m = SepitForConditionalGeneration(cfg).eval()
+    assert len(m.tokenizer) == n_base + 4 and m.tokenizer.pad_token == "<pad>"
+    emb = m.llm.get_input_embeddings().weight
+    assert emb.shape[0] == n_base + 4 and m.config.llm.vocab_size == n_base + 4
+    original = LlamaForCausalLM.from_pretrained(str(folder)).get_input_embeddings().weight
+    torch.testing.assert_close(emb[:n_base], original, rtol=0, atol=0)
+    for (name, a), b in zip(m.encoder.state_dict().items(), model.encoder.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids, mask, labels, prot, _ = _batch(m)
+    assert torch.isfinite(m(ids, mask, prot, labels).loss)
+    # Saved, the folder no longer needs the sources.
+    m.save_pretrained(tmp_path / "sepit")
+    again = SepitForConditionalGeneration.from_pretrained(tmp_path / "sepit").eval()
+    assert again.config.llm.path is None and again.config.encoder_path is None
+    q, p = [QA[0][0]], [(SEQS[0], None, None)]
+    assert again.generate_ids(q, p, max_new_tokens=5) == m.generate_ids(q, p, max_new_tokens=5)

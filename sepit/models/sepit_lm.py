@@ -211,12 +211,11 @@ class SepitForConditionalGeneration(nn.Module):
         ``protein`` the ESM batch; ``protein_index`` [B] maps rows to proteins (default identity)."""
         s = self.splice(input_ids, attention_mask, protein, labels, protein_index, padding_side="right")
         clear_moe_stats(self)
+        # The mask stays set after the forward: activation checkpointing re-runs the MoE blocks
+        # during backward and must route exactly as the forward did.
         set_moe_token_mask(self, s.attention_mask)
-        try:
-            out = self.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
-                           position_ids=s.position_ids, use_cache=False)
-        finally:
-            set_moe_token_mask(self, None)
+        out = self.llm(inputs_embeds=s.inputs_embeds, attention_mask=s.attention_mask,
+                       position_ids=s.position_ids, use_cache=False)
         lm_loss = None if s.labels is None else causal_lm_loss(out.logits, s.labels)
         aux = moe_aux_loss(self)
         loss = lm_loss
@@ -292,6 +291,14 @@ class SepitForConditionalGeneration(nn.Module):
 
         self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                        target_modules=list(target_modules)))
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute LLM blocks in backward (non-reentrant, so RNG state and MoE stats are safe)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers >= 5 name
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @property
     def has_lora(self) -> bool:
@@ -376,6 +383,14 @@ class SepitForConditionalGeneration(nn.Module):
                 f"unexpected {sorted(unexpected)[:5]})"
             )
         return model.to(map_location)
+
+
+def apply_lora(model: SepitForConditionalGeneration, r: int = 8, alpha: int = 16,
+               target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+               dropout: float = 0.05) -> SepitForConditionalGeneration:
+    """Function form of :meth:`SepitForConditionalGeneration.apply_lora`; returns the model."""
+    model.apply_lora(r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
+    return model
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
