@@ -39,6 +39,9 @@ def model_dir(tmp_path_factory):
     from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
     from sepit.models.tokenizer import train_llm_tokenizer
 
+    import torch
+
+    torch.manual_seed(0)  # fixed random weights: the same greedy answers on every run
     texts = ["What is the function of this protein? It binds ATP.", "Located in the cytoplasm and nucleus."] * 30
     tokenizer = train_llm_tokenizer(texts, vocab_size=320)
     model = SepitForConditionalGeneration(SepitConfig.preset("tiny"), tokenizer=tokenizer)
@@ -58,7 +61,7 @@ def server(ray_local, model_dir):
         model_dir=model_dir, port=port, num_cpus_per_replica=1, max_batch_size=8,
         # Long enough that requests fired together on a loaded 2-core box meet in one batch.
         batch_wait_timeout_s=0.2, request_timeout_s=60,
-        limits=LimitsConfig(max_body_bytes=1 << 20, max_residues=400, max_questions=4, max_new_tokens=32),
+        limits=LimitsConfig(max_body_bytes=1 << 20, max_residues=400, max_questions=4, max_new_tokens=256),
         generation=GenerationDefaults(max_new_tokens=8),
     )
     open_cfg = ServeConfig(app_name="open", route_prefix="/", api_key_env="", **common)
@@ -171,6 +174,26 @@ def test_raw_sse_stream_ends_with_done(server):
         events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert all(json.loads(e)["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_a_client_leaving_a_stream_stops_its_generation(server):
+    c = server["client"]
+    body = {"model": server["model"], "max_tokens": 256, "messages": [{"role": "user", "content": "Describe <protein>."}],
+            "protein": {"sequence": SEQUENCE}}
+    full = c.post("/v1/chat/completions", json=body).json()
+    assert full["usage"]["completion_tokens"] == 256  # left alone, this prompt runs to the budget
+    before = _stats(c)["runner"]
+    with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        for i, _ in enumerate(line for line in r.iter_lines() if line.startswith("data: ")):
+            if i == 3:
+                break  # hang up after a few tokens
+    for _ in range(50):  # the cancellation travels proxy -> ingress -> replica
+        after = _stats(c)["runner"]
+        if after["generated"] > before["generated"]:
+            break
+        threading.Event().wait(0.1)
+    assert after["generated"] == before["generated"] + 1
+    assert after["completion_tokens"] - before["completion_tokens"] < 128
 
 
 # --------------------------------------------------------------------------- batching

@@ -228,3 +228,15 @@ def test_incremental_text_never_emits_what_a_stop_string_cuts(bpe_tokenizer):
     final, stopped = cut_at_stop(text, ["END"])
     assert stopped and final == "kinase activity. "
     assert final.startswith(streamed) and streamed + inc.finish(final) == final
+
+
+def test_deployments_follow_the_config():
+    from sepit.serve.app import ingress_deployment, model_runner_deployment
+    from sepit.serve.config import AutoscalingConfig
+
+    gpu = model_runner_deployment(ServeConfig(model_dir="/m", replicas=3, num_gpus_per_replica=1, max_ongoing_requests=32))
+    assert gpu.num_replicas == 3 and gpu.ray_actor_options["num_gpus"] == 1 and gpu.max_ongoing_requests == 32
+    scaled = ServeConfig(model_dir="/m", autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=4))
+    model_runner_deployment(scaled)  # Serve validates the autoscaling config here
+    assert ingress_deployment(scaled).max_ongoing_requests == 4 * scaled.max_ongoing_requests
+    assert ingress_deployment(scaled).ray_actor_options["num_cpus"] == 0

@@ -28,15 +28,13 @@ RUNNER_NAME = "SepitModelRunner"
 INGRESS_NAME = "SepitIngress"
 
 
-def build_app(config: ServeConfig):
-    """The Serve application (ingress bound to the model runner) for ``config``."""
+def model_runner_deployment(config: ServeConfig):
+    """The model-replica deployment: one model per replica, CPU or one GPU, fixed or autoscaled."""
     from ray import serve
 
-    from sepit.serve.auth import resolve_api_key_digest
-    from sepit.serve.ingress import SepitIngress
     from sepit.serve.model_runner import SepitModelRunner
 
-    runner_options: dict[str, Any] = {
+    options: dict[str, Any] = {
         "name": RUNNER_NAME,
         "ray_actor_options": {"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
         "max_ongoing_requests": config.max_ongoing_requests,
@@ -44,19 +42,31 @@ def build_app(config: ServeConfig):
         "health_check_timeout_s": 60.0,
     }
     if config.autoscaling is not None:
-        runner_options["autoscaling_config"] = config.autoscaling.to_serve()
+        options["autoscaling_config"] = config.autoscaling.to_serve()
     else:
-        runner_options["num_replicas"] = config.replicas
+        options["num_replicas"] = config.replicas
+    return serve.deployment(SepitModelRunner, **options)
+
+
+def ingress_deployment(config: ServeConfig):
+    """The HTTP ingress deployment (no model, no CPU reservation)."""
+    from ray import serve
+
+    from sepit.serve.ingress import SepitIngress
+
     max_runners = config.autoscaling.max_replicas if config.autoscaling else config.replicas
-    runner = serve.deployment(SepitModelRunner, **runner_options).bind(config)
-    ingress = serve.deployment(
-        SepitIngress, name=INGRESS_NAME, num_replicas=1,
-        # The ingress only validates and forwards: no model, so no CPU reservation; it must admit
-        # enough concurrent requests to fill every runner's batches.
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=max(config.max_ongoing_requests * max_runners, 16),
-    )
-    return ingress.bind(config, runner, resolve_api_key_digest(config))
+    # It only validates and forwards, but must admit enough concurrent requests to fill every
+    # model replica's batches.
+    return serve.deployment(SepitIngress, name=INGRESS_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=max(config.max_ongoing_requests * max_runners, 16))
+
+
+def build_app(config: ServeConfig):
+    """The Serve application (ingress bound to the model runner) for ``config``."""
+    from sepit.serve.auth import resolve_api_key_digest
+
+    runner = model_runner_deployment(config).bind(config)
+    return ingress_deployment(config).bind(config, runner, resolve_api_key_digest(config))
 
 
 def config_from_args(args: dict[str, Any]) -> ServeConfig:

@@ -80,14 +80,19 @@ def sse_stream(
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
 
     async def events() -> AsyncIterator[str]:
-        yield _sse(chunk({"role": "assistant", "content": ""}))
+        finished = False
         event = first
         try:
+            yield _sse(chunk({"role": "assistant", "content": ""}))
             while event is not None:
                 if event.delta:
                     yield _sse(chunk({"content": event.delta}))
                 if event.done:
                     result = event.result or GenerationResult()
+                    if result.expired:
+                        yield _sse(error_body("the stream ran past the request timeout", "timeout",
+                                              "request_timeout_s", 504))
+                        break
                     if result.error:
                         yield _sse(error_body(result.error, "server_error", None, 500))
                         break
@@ -98,12 +103,14 @@ def sse_stream(
                         yield _sse(final)
                     break
                 event = await next_event()
+            finished = True
         except (asyncio.TimeoutError, TimeoutError):  # distinct classes before Python 3.11
-            cancel()
             yield _sse(error_body("the stream ran past the request timeout", "timeout", "request_timeout_s", 504))
         except Exception as exc:  # noqa: BLE001 - a broken stream ends with an error event, not a dead socket
-            cancel()
             yield _sse(error_body(f"stream failed: {type(exc).__name__}", "server_error", None, 500))
+        finally:
+            if not finished:  # timeout, error, or the client went away (cancellation): stop the model row
+                cancel()
         yield "data: [DONE]\n\n"
 
     return events()
