@@ -241,6 +241,7 @@ def _hostile_requests(model: str) -> list[tuple[str, dict]]:
         ("huge chunked body", {"content": iter([b"[" + b"1," * 4096] * 400), "headers": {"content-type": "application/json"}}),
         ("wrong alphabet", j({"sequence": "MKT<script>", "questions": ["q"]})),
         ("digits", j({"sequence": "1234", "questions": ["q"]})),
+        ("J is not an ESM residue", j({"sequence": "MKTJAY", "questions": ["q"]})),
         ("too long", j({"sequence": "M" * 401, "questions": ["q"]})),
         ("empty question", j({"sequence": SEQUENCE, "questions": ["   "]})),
         ("no questions", j({"sequence": SEQUENCE, "questions": []})),
@@ -343,3 +344,23 @@ def test_auth_on_rejects_without_the_key_before_any_model_work(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["url"] + "/secure/v1", api_key="nope", max_retries=0).models.list()
     assert _stats(c, "/secure", good)["runner"]["requests"] == before["requests"] + 2
+
+
+# --------------------------------------------------------------------------- the replica on its own
+def test_an_item_that_breaks_a_batch_does_not_fail_the_others(model_dir):
+    import time
+
+    from sepit.serve.config import ServeConfig
+    from sepit.serve.model_runner import SepitModelRunner, _Entry
+    from sepit.serve.protocol import GenerationItem
+
+    runner = SepitModelRunner(ServeConfig(model_dir=model_dir))
+    assert runner.warm and runner.stats()["generated"] == 0  # counters start after the warm-up
+    now = time.monotonic()
+    items = [GenerationItem("What is <protein>?", SEQUENCE, max_new_tokens=3),
+             GenerationItem("What is <protein>?", "MKTJAY", max_new_tokens=3),  # J: not in the ESM alphabet
+             GenerationItem("Where is <protein>?", SEQUENCE[:20], max_new_tokens=3)]
+    results = runner._decode_group([_Entry(it, now, now + 60) for it in items])
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "generation failed" in results[1].error and results[0].completion_tokens >= 1
+    assert runner.stats()["failed"] == 1 and runner.stats()["generated"] == 2

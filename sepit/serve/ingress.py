@@ -193,9 +193,11 @@ class SepitIngress:
 def _raise_for_results(results: list[GenerationResult], budget: float) -> None:
     if any(r.expired for r in results):
         raise RequestTimeout(f"the request waited past its timeout of {budget:g} s", param="request_timeout_s")
-    errors = [r.error for r in results if r.error]
-    if not errors:
+    failed = [r for r in results if r.error]
+    if not failed:
         return
-    if any(e.startswith("generation failed") for e in errors):
-        raise GenerationFailed(errors[0])
-    raise InvalidInput(next(e for e in errors if e != "request refused"), param="questions")
+    broken = [r for r in failed if r.error.startswith("generation failed")]
+    if broken:
+        raise GenerationFailed(broken[0].error)
+    refusal = next((r for r in failed if r.error_param), failed[0])
+    raise InvalidInput(refusal.error, param=refusal.error_param)

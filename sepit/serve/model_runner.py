@@ -3,8 +3,8 @@
 :class:`SepitModelRunner` is wrapped as a Ray Serve deployment by :mod:`sepit.serve.app` (one
 model copy per replica, on CPU or one GPU).  Concurrent requests' questions meet in one queue;
 ``@serve.batch`` hands them over in groups of up to ``max_batch_size`` after at most
-``batch_wait_timeout_s``, and each group runs as one batched ``generate`` call per distinct set
-of generation options.  The replica counts requests, items, batches and a batch-size histogram
+``batch_wait_timeout_s``, and each group runs as one left-padded, KV-cached decode per distinct
+set of generation options.  The replica counts requests, items, batches and a batch-size histogram
 (``stats()``), which the API exposes at ``GET /v1/stats`` so tests and operators can see that
 concurrent requests really were grouped.
 
@@ -61,8 +61,6 @@ def load_exported_model(model_dir: str, device: str):
 
 
 def pick_device(num_gpus: float) -> str:
-    import torch
-
     if num_gpus and num_gpus > 0:
         if not torch.cuda.is_available():
             raise ModelLoadError("num_gpus_per_replica=1 but this replica sees no CUDA device")
@@ -78,13 +76,13 @@ class RunnerStats:
         self.requests = 0           # generate()/stream() calls that reached the replica
         self.items = 0              # questions received
         self.batches = 0            # dynamic batches handed over by @serve.batch
-        self.generate_calls = 0     # model.generate calls (one per option group of a batch)
+        self.generate_calls = 0     # batched decodes (one per option group of a batch)
         self.generated = 0          # items that were generated
         self.expired = 0            # items skipped because their deadline had passed
         self.refused = 0            # items refused before generation (bad prompt)
         self.failed = 0             # items whose generation raised
         self.completion_tokens = 0
-        self.busy_s = 0.0           # wall time spent inside model.generate
+        self.busy_s = 0.0           # wall time spent decoding
         self.batch_sizes: Counter[int] = Counter()
 
     def add(self, **deltas) -> None:
@@ -119,6 +117,7 @@ class SepitModelRunner:
         self._generate_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.warm = False
         self.warmup_ms = self._warm_up()
+        self.stats_ = RunnerStats()  # counters start after the warm-up: they describe traffic
 
     # ------------------------------------------------------------------ readiness
     def _warm_up(self) -> float:
@@ -157,13 +156,21 @@ class SepitModelRunner:
 
         return len(encode_prompt(self.tokenizer, item.question)) - 1 + len(item.sequence) + 2
 
-    def _validate(self, item: GenerationItem) -> Optional[str]:
+    def _validate(self, item: GenerationItem) -> Optional[GenerationResult]:
+        """A refusal when this model cannot take the item (checked alone, so a bad item never
+        fails the batch it would have joined), else None."""
         from sepit.data.prompts import PromptError
+        from sepit.models.protein_batch import ProteinBatchError, collate_proteins
 
         try:
             self.prompt_tokens(item)
         except PromptError as exc:
-            return str(exc)
+            return GenerationResult(error=str(exc), error_param="questions")
+        try:
+            collate_proteins(self.model.encoder.alphabet, [(item.sequence, item.coords, item.coord_mask)],
+                             max_residues=self.model.config.max_residues)
+        except ProteinBatchError as exc:
+            return GenerationResult(error=f"protein: {str(exc).removeprefix('item 0: ')}", error_param="sequence")
         return None
 
     # ------------------------------------------------------------------ generation
@@ -208,8 +215,10 @@ class SepitModelRunner:
                     self.model.token_ids.eos, self.model.token_ids.pad, cfg, on_token,
                 )
         except Exception as exc:  # noqa: BLE001 - a failed batch answers its items, never kills the replica
-            self.stats_.add(failed=len(entries))
-            return [GenerationResult(error=f"generation failed: {type(exc).__name__}: {exc}") for _ in entries]
+            if len(entries) > 1:  # isolate the item that broke it: the others still get answers
+                return [self._decode_group([entry])[0] for entry in entries]
+            self.stats_.add(failed=1)
+            return [GenerationResult(error=f"generation failed: {type(exc).__name__}: {exc}")]
         elapsed = time.perf_counter() - t0
         uses_structure = bool(self.model.config.encoder.use_structure)
         results = []
@@ -255,10 +264,10 @@ class SepitModelRunner:
         carries an error (the ingress answers 422).
         """
         self.stats_.add(requests=1, items=len(items))
-        errors = [self._validate(it) for it in items]
-        if any(errors):
-            self.stats_.add(refused=sum(e is not None for e in errors))
-            return [GenerationResult(error=e or "request refused") for e in errors]
+        refusals = [self._validate(it) for it in items]
+        if any(refusals):
+            self.stats_.add(refused=sum(r is not None for r in refusals))
+            return [r or GenerationResult(error="request refused") for r in refusals]
         now = time.monotonic()
         entries = [_Entry(it, now, now + budget_s) for it in items]
         return list(await asyncio.gather(*(self._generate_batched(e) for e in entries)))
@@ -272,10 +281,10 @@ class SepitModelRunner:
         from sepit.serve.streaming import TokenSink
 
         self.stats_.add(requests=1, items=1)
-        error = self._validate(item)
-        if error:
+        refusal = self._validate(item)
+        if refusal:
             self.stats_.add(refused=1)
-            yield StreamEvent(done=True, result=GenerationResult(error=error))
+            yield StreamEvent(done=True, result=refusal)
             return
         sink = TokenSink(asyncio.get_running_loop(), self.tokenizer, item.stop)
         now = time.monotonic()

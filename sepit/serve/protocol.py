@@ -50,6 +50,8 @@ class GenerationResult:
     """Coordinates reached a structure-aware encoder (the model uses structure and the protein has some)."""
     error: Optional[str] = None
     """Set when this item was refused (e.g. a reserved token in the question); no text then."""
+    error_param: Optional[str] = None
+    """The request field the refusal is about (``questions``, ``sequence``)."""
     expired: bool = False
     """The deadline passed before generation started; the item was skipped (no model work)."""
 
