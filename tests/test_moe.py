@@ -247,3 +247,63 @@ def test_activation_checkpointing_reroutes_identically(dense_model, process_grou
     torch.testing.assert_close(ckpt.loss, plain.loss)
     torch.testing.assert_close(router.grad, grad)
     assert grad.abs().sum() > 0
+
+
+def _expert_parallel_worker(rank: int, port: int, results) -> None:
+    """One of two ranks: 4 experts split 2 + 2, different token counts per rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_SIZE="2", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from sepit.models.moe import MoEConfig
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    hf = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)  # same dense MLP and router on both ranks
+    block = SepitMoEBlock(LlamaMLP(hf), 16, MoEConfig(num_experts=4, ep_size=2, capacity_factor=16.0,
+                                                      eval_capacity_factor=16.0)).eval()
+    block.moe.set_deepspeed_parallelism()
+    with torch.no_grad():
+        for j, expert in enumerate(block.experts):  # global expert id 2·rank + j
+            g = torch.Generator().manual_seed(100 + 2 * rank + j)
+            for p in expert.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        block.router.weight.mul_(20)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(1, 5 + 4 * rank, 16)
+    with torch.no_grad():
+        y = block(x)
+    gathered = [None, None]
+    dist.all_gather_object(gathered, [e.state_dict() for e in block.experts])
+    experts = []
+    for state in gathered[0] + gathered[1]:
+        expert = LlamaMLP(hf)
+        expert.load_state_dict(state)
+        experts.append(expert)
+    plain = MoEFeedForward(experts, 16, top_k=1)
+    plain.router.weight.data.copy_(block.router.weight)
+    with torch.no_grad():
+        results[rank] = float((y - plain(x)).abs().max())
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_expert_parallel_across_two_ranks_with_unequal_token_counts():
+    """ep_size=2 over gloo: each rank holds 2 of 4 experts and a different number of tokens (the
+    block pads to the group maximum so DeepSpeed's all-to-all buffers agree); outputs equal a
+    plain block holding all 4 experts."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_expert_parallel_worker, args=(port, results), nprocs=2)
+        assert sorted(results.keys()) == [0, 1]
+        assert max(results.values()) < 1e-5

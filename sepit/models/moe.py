@@ -50,7 +50,8 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     """Weight of the summed load-balancing losses in the training loss."""
     ep_size: int = 1
-    """Expert-parallel world size (num_experts must be divisible by it)."""
+    """Expert-parallel group size (num_experts must be divisible by it); ranks may hold different
+    token counts (the block pads to the group maximum before DeepSpeed's all-to-all)."""
     exported: bool = False
     """True once the blocks are plain-PyTorch MoEFeedForward (set by export_for_inference)."""
 
@@ -138,16 +139,38 @@ class SepitMoEBlock(_MoEStats):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
-        flat = hidden.reshape(-1, shape[-1])
-        mask = self._flat_mask(flat.shape[0])
+        flat = hidden.reshape(-1, shape[-1])  # [S, D]
+        n_tokens = flat.shape[0]
+        mask = self._flat_mask(n_tokens)
         # DeepSpeed's top-1 gate multiplies its routing mask by `used_token` (padding gets no
         # expert, no capacity slot and a zero output); other k ignore it.
         used = None if mask is None else mask.to(torch.float32)
-        out, l_aux, _ = self.moe(flat.unsqueeze(0), used_token=used)
+        flat_in, used = self._pad_to_group_max(flat, used)
+        out, l_aux, _ = self.moe(flat_in.unsqueeze(0), used_token=used)
         self.aux_loss = l_aux
         with torch.no_grad():
             self._record_counts(F.linear(flat.float(), self.router.weight.float()), mask)
-        return out.reshape(shape)
+        return out[0, :n_tokens].reshape(shape)
+
+    def _pad_to_group_max(self, flat: torch.Tensor, used: torch.Tensor | None):
+        """With expert parallelism every rank must send equal [E, capacity, D] buffers through the
+        all-to-all, and DeepSpeed derives capacity from the local token count: pad the tokens to
+        the expert group's largest count (zero rows, ``used_token`` 0, so top-1 routes them
+        nowhere; top-k ≥ 2 gates ignore ``used_token`` and route them like any token)."""
+        group = self.moe.deepspeed_moe.ep_group
+        if self.moe.ep_size == 1 or group is None:
+            return flat, used
+        import torch.distributed as dist
+
+        n = torch.tensor([flat.shape[0]], device=flat.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+        extra = int(n) - flat.shape[0]
+        if extra == 0:
+            return flat, used
+        if used is None:
+            used = flat.new_ones(flat.shape[0], dtype=torch.float32)
+        flat = torch.cat([flat, flat.new_zeros(extra, flat.shape[1])])
+        return flat, torch.cat([used, used.new_zeros(extra)])
 
 
 class MoEFeedForward(_MoEStats):
