@@ -37,7 +37,7 @@ def pairs():
 
 @pytest.fixture(scope="module")
 def text_metrics():
-    return TextMetrics(MetricsConfig())
+    return TextMetrics.cached(MetricsConfig())
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,22 @@ class TextMetrics:
         self.bertscorer = BertScorer(self.config.bertscore) if needs_encoder else None
         self._tok13a = None
 
+    _CACHE: dict[str, "TextMetrics"] = {}
+
+    @classmethod
+    def cached(cls, config: MetricsConfig | None = None) -> "TextMetrics":
+        """One instance per distinct config in this process (loading the encoder costs seconds)."""
+        import json
+
+        from sepit.config.base import to_dict
+
+        config = config or MetricsConfig()
+        key = json.dumps(to_dict(config), sort_keys=True)
+        if key not in cls._CACHE:
+            cls._CACHE.clear()  # keep at most one encoder in memory
+            cls._CACHE[key] = cls(config)
+        return cls._CACHE[key]
+
     def tokens(self, text: str) -> list[str]:
         if self.config.bleu_tokenization == "encoder_wordpiece":
             return self.bertscorer.wordpieces(text)

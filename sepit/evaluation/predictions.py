@@ -139,8 +139,11 @@ class PredictionsStore:
         _atomic_write_lines(self.path, (r.to_json() for r in records))
         for part in self._part_files():
             part.unlink()
-        if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):
-            self.parts_dir.rmdir()
+        if self.parts_dir.is_dir():
+            for stale in self.parts_dir.glob(".part-*.tmp-*"):  # left by a process killed mid-write
+                stale.unlink()
+            if not any(self.parts_dir.iterdir()):
+                self.parts_dir.rmdir()
         return records
 
 

@@ -125,3 +125,13 @@ def headline(metrics: dict) -> dict[str, float]:
         if "accuracy" in block:
             flat[f"{task}.accuracy"] = block["accuracy"]["mean"]
     return {k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)}
+
+
+def score_systems(
+    systems: dict[str, Sequence[PredictionRecord]], scorer: RecordScorer
+) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """Score several systems' records: ({system: metrics block}, {system: per-sample rows})."""
+    scored, per_sample = {}, {}
+    for name, records in systems.items():
+        scored[name], per_sample[name] = scorer.score(records)
+    return scored, per_sample

@@ -1,0 +1,129 @@
+"""Generation throughput of ``sepit evaluate``: tokens/s with 1 and 2 replicas, batch sizes 1/8/32.
+
+One run measures every (replicas, batch size) setting with the real generation path
+(:func:`sepit.evaluation.generate.generate_predictions`: Ray Data ``map_batches`` over an actor
+pool, journalled predictions), on the same real questions and proteins from the bundled QA
+sample, greedy decoding with a fixed token budget.  Per setting it reports
+
+* end-to-end tokens/s: all new tokens / wall time, replica start-up and model loading included;
+* steady tokens/s: tokens after the first returned batch / time after it (start-up excluded);
+
+and the ratios against 1 replica at batch size 1 and against 1 replica at the same batch size.
+
+    python evals/bench_generation.py --preset tiny                # random-init tiny model
+    python evals/bench_generation.py --model runs/small/stage2/model --rows 96 --out bench.json
+
+Each replica reserves ``--cpus-per-replica`` logical CPUs and uses as many torch threads, so 2
+replicas use twice the cores of 1 (on a GPU node pass ``--gpus-per-replica 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sepit.ray_runtime import set_local_defaults  # noqa: E402
+
+set_local_defaults()
+
+
+def build_model(preset: str, out: Path) -> Path:
+    """A random-init SEPIT model of ``preset`` sizes, saved as a model folder."""
+    import torch
+
+    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+
+    torch.manual_seed(0)
+    return SepitForConditionalGeneration(SepitConfig.preset(preset)).eval().save_pretrained(out / f"{preset}_model")
+
+
+def workload(n: int, max_residues: int) -> list[dict]:
+    """``n`` valid rows of the bundled QA sample with proteins up to ``max_residues``."""
+    from sepit.evaluation.examples import load_eval_data
+    from sepit.resources import data_path
+
+    rows = [r for r in load_eval_data(data_path("derived", "qa.jsonl.gz")).rows if len(r["sequence"]) <= max_residues]
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} bundled rows have proteins <= {max_residues} residues")
+    return rows[:n]
+
+
+def run_setting(rows, model_dir: Path, replicas: int, batch: int, args, tmp: Path) -> dict:
+    from sepit.evaluation.generate import GenerationConfig, GenerationTask, generate_predictions
+    from sepit.evaluation.predictions import PredictionsStore
+
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=batch, num_replicas=replicas,
+                           cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
+    store = PredictionsStore(tmp / f"r{replicas}_b{batch}")  # fresh: nothing is resumed
+    s = generate_predictions([GenerationTask("bench", rows, store)], str(model_dir), cfg)["bench"]
+    steady_s = s.seconds - s.first_batch_seconds
+    steady = (s.new_tokens - s.first_batch_tokens) / steady_s if s.n_batches > 1 and steady_s > 0 else float("nan")
+    return {"replicas": replicas, "batch_size": batch, "rows": s.n_rows, "new_tokens": s.new_tokens,
+            "batches": s.n_batches, "seconds": round(s.seconds, 2), "startup_and_first_batch_s": round(s.first_batch_seconds, 2),
+            "tokens_per_s": round(s.tokens_per_second, 2), "steady_tokens_per_s": round(steady, 2)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="model folder (default: build --preset)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
+    p.add_argument("--rows", type=int, default=64, help="questions per setting")
+    p.add_argument("--max-residues", type=int, default=300)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: enough for the pool)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+
+    import ray
+
+    from sepit.ray_runtime import init_ray
+
+    init_ray(num_cpus=args.ray_cpus or max(2, int(math.ceil(max(args.replicas) * args.cpus_per_replica)) + 1))
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = Path(args.model) if args.model else build_model(args.preset, tmp)
+        rows = workload(args.rows, args.max_residues)
+        results = []
+        for replicas in args.replicas:
+            for batch in args.batch_sizes:
+                t = time.perf_counter()
+                r = run_setting(rows, model_dir, replicas, batch, args, tmp)
+                results.append(r)
+                print(json.dumps(r), f"({time.perf_counter() - t:.1f}s)", flush=True)
+    base = {r["batch_size"]: r for r in results if r["replicas"] == min(args.replicas)}
+    first = results[0]
+    for r in results:
+        for key in ("tokens_per_s", "steady_tokens_per_s"):
+            same_batch = base[r["batch_size"]][key]
+            r[f"{key}_vs_first"] = round(r[key] / first[key], 2) if first[key] and not math.isnan(first[key]) else None
+            r[f"{key}_vs_1_replica"] = round(r[key] / same_batch, 2) if same_batch and not math.isnan(same_batch) else None
+    print("\nreplicas batch  tok/s(e2e)  x(1,b1)  x(1 rep)  tok/s(steady)  x(1,b1)  x(1 rep)")
+    for r in results:
+        print(f"{r['replicas']:>8} {r['batch_size']:>5}  {r['tokens_per_s']:>10}  {r['tokens_per_s_vs_first']!s:>7}  "
+              f"{r['tokens_per_s_vs_1_replica']!s:>8}  {r['steady_tokens_per_s']:>13}  {r['steady_tokens_per_s_vs_first']!s:>7}  "
+              f"{r['steady_tokens_per_s_vs_1_replica']!s:>8}")
+    meta = {"model": str(args.model or f"random-init {args.preset} preset"), "rows": args.rows,
+            "max_new_tokens": args.max_new_tokens, "cpus_per_replica": args.cpus_per_replica,
+            "gpus_per_replica": args.gpus_per_replica, "load_average_at_end": os.getloadavg(),
+            "cpu_count": os.cpu_count()}
+    print(json.dumps(meta))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
