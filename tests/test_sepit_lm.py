@@ -61,6 +61,10 @@ def test_spliced_positions_labels_mask_and_positions_line_up(model):
     embed = model.llm.get_input_embeddings()
     with torch.no_grad():
         projected, n_real = model.encode_proteins(prot, structure_dropout=False)
+        # The projector reads the encoder's second-to-last hidden layer.
+        enc = model.encoder(prot.tokens, prot.coords, prot.coord_mask, return_hidden_states=True)
+        torch.testing.assert_close(projected, model.projector(enc.hidden_states[-2]))
+        assert not torch.allclose(projected, model.projector(enc.hidden_states[-1]))
         for side in ("right", "left"):
             s = model.splice(ids, mask, prot, labels, padding_side=side, structure_dropout=False)
             width = s.inputs_embeds.shape[1]

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sepit.config.base import check_choice, check_range, from_dict, to_dict
-from sepit.data.prompts import IGNORE_INDEX, encode_prompt
+# Module import (not names): sepit.data.prompts imports sepit.models.tokenizer, so a package
+# __init__ that imports this module must not see a half-initialised prompts module.
+from sepit.data import prompts
 from sepit.models.encoder import EncoderConfig, ProteinEncoder
 from sepit.models.generation import SamplingConfig, decode_from_embeddings
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
@@ -235,11 +237,11 @@ class SepitForConditionalGeneration(nn.Module):
             raise ValueError(f"{len(questions)} questions but {len(proteins)} proteins; pass one protein per question")
         if not questions:
             raise ValueError("generate() needs at least one question")
-        prompts = [encode_prompt(self.tokenizer, q) for q in questions]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.token_ids.pad, dtype=torch.long)
+        encoded = [prompts.encode_prompt(self.tokenizer, q) for q in questions]
+        width = max(len(p) for p in encoded)
+        ids = torch.full((len(encoded), width), self.token_ids.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for b, p in enumerate(prompts):
+        for b, p in enumerate(encoded):
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
         batch = collate_proteins(self.encoder.alphabet, list(proteins), max_residues=self.config.max_residues,
@@ -394,8 +396,8 @@ def apply_lora(model: SepitForConditionalGeneration, r: int = 8, alpha: int = 16
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (fp32) over positions whose label is not IGNORE_INDEX."""
+    """Mean next-token cross-entropy (fp32) over positions whose label is not IGNORE_INDEX (-100)."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    n = (shift_labels != IGNORE_INDEX).sum().clamp_min(1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum") / n
+    n = (shift_labels != prompts.IGNORE_INDEX).sum().clamp_min(1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=prompts.IGNORE_INDEX, reduction="sum") / n

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sepit.data.prompts import IGNORE_INDEX
+from sepit.data import prompts  # module import: see sepit_lm.py on the import cycle
 
 
 class SpliceError(ValueError):
@@ -33,7 +33,7 @@ class SplicedInputs:
     position_ids: torch.Tensor
     """[B, T'] long, 0 … n_b - 1 over real tokens, 0 on padding."""
     labels: torch.Tensor | None
-    """[B, T'] long, input labels moved with their tokens, IGNORE_INDEX on protein span and padding."""
+    """[B, T'] long, input labels moved with their tokens, IGNORE_INDEX (-100) on protein span and padding."""
     protein_spans: list[tuple[int, int]]
     """Per row (start, length) of the protein span in the padded [T'] coordinates."""
 
@@ -85,7 +85,7 @@ def splice_protein_embeddings(
         spans.append((p, n))
         if labels is not None:
             lab = labels[b][real[b]]
-            fill = lab.new_full((n,), IGNORE_INDEX)
+            fill = lab.new_full((n,), prompts.IGNORE_INDEX)
             row_labels.append(torch.cat([lab[:p], fill, lab[p + 1:]]))
 
     width = max(r.shape[0] for r in rows)
@@ -94,7 +94,7 @@ def splice_protein_embeddings(
     out_embeds = fill_vec.expand(B, width, D).clone()
     out_mask = torch.zeros(B, width, dtype=torch.long, device=device)
     out_pos = torch.zeros(B, width, dtype=torch.long, device=device)
-    out_labels = None if labels is None else torch.full((B, width), IGNORE_INDEX, dtype=torch.long, device=device)
+    out_labels = None if labels is None else torch.full((B, width), prompts.IGNORE_INDEX, dtype=torch.long, device=device)
     padded_spans = []
     for b, row in enumerate(rows):
         n = row.shape[0]
