@@ -1,9 +1,11 @@
 """Optional bearer-token auth for the HTTP API.
 
 The key comes from ``ServeConfig.api_key`` or, preferably, the environment variable named by
-``ServeConfig.api_key_env``.  Only its SHA-256 digest travels to the replicas (deployment init
-arguments are pickled into the Serve controller), and requests are checked with a
-constant-time comparison of digests.  Liveness/readiness probes and the API docs stay open;
+``ServeConfig.api_key_env``, read where the application is built (``sepit serve``, the
+``serve deploy`` builder) and, failing that, in the ingress replica's own environment (on a
+cluster the variable may exist only on worker nodes).  Only its SHA-256 digest travels to the
+replicas (deployment init arguments are pickled into the Serve controller), and requests are
+checked with a constant-time comparison of digests.  Liveness/readiness probes and the API docs stay open;
 every ``/v1/*`` route needs ``Authorization: Bearer <key>`` when a key is set.
 """
 
