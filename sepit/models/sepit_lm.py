@@ -358,9 +358,13 @@ class SepitForConditionalGeneration(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, moe_backend: str = "plain",
-                        map_location: str | torch.device = "cpu") -> "SepitForConditionalGeneration":
+                        map_location: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "SepitForConditionalGeneration":
         """Rebuild a saved model offline.  MoE layers come back as plain ``MoEFeedForward`` blocks
-        (``moe_backend="plain"``, for inference) or as DeepSpeed blocks (``"deepspeed"``, to train on)."""
+        (``moe_backend="plain"``, for inference) or as DeepSpeed blocks (``"deepspeed"``, to train on).
+        Weights load into fp32 parameters (bf16/fp16 files are upcast exactly); ``dtype`` (e.g.
+        ``torch.bfloat16`` for GPU serving) casts the LLM and projector afterwards, the protein
+        encoder stays fp32."""
         check_choice(moe_backend, "moe_backend", ["plain", "deepspeed"])
         data = read_config(directory)
         if data.get("model_type") != MODEL_TYPE:
@@ -384,6 +388,9 @@ class SepitForConditionalGeneration(nn.Module):
                 f"{directory}: weights do not match the saved config (missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]})"
             )
+        if dtype is not None:
+            model.llm.to(dtype)
+            model.projector.to(dtype)
         return model.to(map_location)
 
 
