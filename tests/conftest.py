@@ -7,7 +7,7 @@ import os
 from sepit.ray_runtime import set_local_defaults
 
 set_local_defaults()
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
