@@ -1,0 +1,215 @@
+"""Feeding training workers from Ray Data: deterministic order, length buckets, dynamic padding.
+
+Driver side (:func:`load_split`, :func:`training_datasets`): a stage's Parquet split as a lazy
+Ray Dataset (training blocks in a seeded random order).  Ray Train splits ``train``
+across workers with ``streaming_split(equal=True)`` (``get_dataset_shard``) under
+``preserve_order``, so every worker sees the same rows in the same order on every run: that is
+what makes a resumed or restarted run continue exactly where it stopped.  ``val`` is not split by
+Ray; each worker takes every ``world``-th row of the first ``world * (n // world)`` rows, so all
+ranks evaluate the same number of batches (a ZeRO-3 forward is collective).
+
+Worker side (:class:`EpochFeeder`): rows pass a seeded streaming shuffle buffer, then are
+grouped in windows of ``bucket_window`` micro-batches,
+sorted by length, cut into micro-batches (each padded only to its own longest row by the task's
+collate), and the window's batches shuffled; the generator is seeded by (seed, epoch, rank).
+Equal row counts per worker give equal batch counts per worker, so no rank runs out early.  The
+data position is (epoch, micro-batches consumed in the epoch); resuming skips that many batches
+without collating them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A stage's dataset split is missing; the message names the expected file."""
+
+
+class EmptySplitError(ValueError):
+    """A split has too few rows to give every worker a batch."""
+
+
+def split_path(dataset_dir: str | Path, stage: str, split: str) -> Path:
+    """``DATA/<stage>/<split>.parquet`` (the dataset builder's layout)."""
+    path = Path(dataset_dir) / stage / f"{split}.parquet"
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"{path} does not exist: build the dataset first (sepit build-dataset) or point "
+            f"data.dataset_dir at a folder holding {stage}/{{train,val,test}}.parquet"
+        )
+    return path
+
+
+def load_split(dataset_dir: str | Path, stage: str, split: str, columns: list[str] | None = None):
+    """The split as a Ray Dataset (one Parquet file; only ``columns`` are read when given)."""
+    import ray.data
+
+    path = split_path(dataset_dir, stage, split)
+    return ray.data.read_parquet(str(path), columns=columns)
+
+
+def count_rows(dataset_dir: str | Path, stage: str, split: str) -> int:
+    """Row count from the Parquet footer (no Ray Data execution)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(split_path(dataset_dir, stage, split)).metadata.num_rows
+
+
+def training_datasets(
+    dataset_dir: str | Path, stage: str, *, seed: int, columns: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """``({"train": ds, "val": ds}, {"train": rows, "val": rows})`` ready for a TorchTrainer.
+
+    Lazy datasets: they execute inside the workers (train once per epoch, val once per worker).
+    The training blocks are put in a seeded random order (fixed across epochs and restarts, a
+    cheap global mix for multi-file datasets); rows are then shuffled per epoch on the worker
+    (:func:`shuffled`).
+    """
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    counts = {split: count_rows(dataset_dir, stage, split) for split in ("train", "val")}
+    if counts["train"] == 0:
+        raise EmptySplitError(f"{split_path(dataset_dir, stage, 'train')} has no rows")
+    train = load_split(dataset_dir, stage, "train", columns).randomize_block_order(seed=seed)
+    val = load_split(dataset_dir, stage, "val", columns)
+    return {"train": train, "val": val}, counts
+
+
+def data_config():
+    """Ray Train data config: split only ``train``; keep row order deterministic."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True))
+
+
+# --------------------------------------------------------------------------- worker side
+def iter_rows(shard: Any, read_rows: int = 256) -> Iterator[dict[str, Any]]:
+    """Rows of a Ray Data iterator as plain dicts (lists stay Python lists)."""
+    for table in shard.iter_batches(batch_size=read_rows, batch_format="pyarrow", prefetch_batches=1):
+        yield from table.to_pylist()
+
+
+def shuffled(rows: Iterable[dict[str, Any]], buffer_rows: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    """Seeded streaming shuffle: keep ``buffer_rows`` rows, emit a random one per row read."""
+    buf: list[dict[str, Any]] = []
+    for row in rows:
+        if len(buf) < buffer_rows:
+            buf.append(row)
+            continue
+        j = int(rng.integers(len(buf)))
+        buf[j], row = row, buf[j]
+        yield row
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
+def bucketed_batches(
+    rows: Iterable[dict[str, Any]],
+    *,
+    micro_batch_size: int,
+    window_batches: int,
+    length_of: Callable[[dict[str, Any]], int],
+    rng: np.random.Generator,
+) -> Iterator[list[dict[str, Any]]]:
+    """Length-bucketed micro-batches (lists of rows) from a row stream; see the module doc."""
+    window: list[dict[str, Any]] = []
+    size = micro_batch_size * window_batches
+
+    def flush() -> Iterator[list[dict[str, Any]]]:
+        # Stable sort: equal lengths keep stream order, so the result is deterministic.
+        order = sorted(range(len(window)), key=lambda i: length_of(window[i]))
+        batches = [[window[i] for i in order[s : s + micro_batch_size]] for s in range(0, len(order), micro_batch_size)]
+        for j in rng.permutation(len(batches)):
+            yield batches[j]
+
+    for row in rows:
+        window.append(row)
+        if len(window) == size:
+            yield from flush()
+            window = []
+    if window:
+        yield from flush()
+
+
+class EpochFeeder:
+    """Collated training micro-batches for one worker, epoch after epoch, resumable.
+
+    ``next_batch()`` returns the next collated batch and advances ``epoch`` / ``batch_in_epoch``;
+    ``wait_s`` accumulates the time spent waiting for data (reading + bucketing + collate).
+    """
+
+    def __init__(self, shard: Any, task: Any, *, micro_batch_size: int, window_batches: int,
+                 seed: int, rank: int, shuffle_rows: int, epoch: int = 0, batch_in_epoch: int = 0):
+        self.shard, self.task, self.shuffle_rows = shard, task, shuffle_rows
+        self.micro_batch_size, self.window_batches = micro_batch_size, window_batches
+        self.seed, self.rank = seed, rank
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.wait_s = 0.0
+        self._it: Iterator[list[dict[str, Any]]] | None = None
+
+    def _epoch_iter(self) -> Iterator[list[dict[str, Any]]]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        rows = shuffled(iter_rows(self.shard), self.shuffle_rows, rng) if self.shuffle_rows else iter_rows(self.shard)
+        it = bucketed_batches(rows, micro_batch_size=self.micro_batch_size,
+                              window_batches=self.window_batches, length_of=self.task.row_length, rng=rng)
+        for _ in range(self.batch_in_epoch):  # resume: skip consumed batches without collating
+            if next(it, None) is None:
+                break
+        return it
+
+    def next_batch(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        for attempt in range(2):
+            if self._it is None:
+                self._it = self._epoch_iter()
+            rows = next(self._it, None)
+            if rows is not None:
+                break
+            # End of epoch: start the next one from its first batch.
+            if attempt == 1 or self.batch_in_epoch == 0:
+                raise EmptySplitError(
+                    f"worker {self.rank} received no training rows; the training split needs at least "
+                    f"one row per worker"
+                )
+            self.epoch, self.batch_in_epoch, self._it = self.epoch + 1, 0, None
+        batch = self.task.collate(rows, train=True)
+        self.batch_in_epoch += 1
+        self.wait_s += time.perf_counter() - t0
+        return batch
+
+
+class ValidationRows:
+    """This rank's validation rows, read once per worker and kept in memory.
+
+    Rows ``rank, rank + world, ...`` of the first ``world * (n_rows // world)`` rows, so every
+    rank runs the same number of batches; length-sorted for less padding.
+    """
+
+    def __init__(self, shard: Any, task: Any, *, n_rows: int, rank: int, world: int):
+        self.shard, self.task = shard, task
+        self.n_rows, self.rank, self.world = n_rows, rank, world
+        self._rows: list[dict[str, Any]] | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            usable = self.world * (self.n_rows // self.world)
+            mine = [r for i, r in enumerate(iter_rows(self.shard)) if i < usable and i % self.world == self.rank]
+            self._rows = sorted(mine, key=self.task.row_length)
+        return self._rows
+
+    def batches(self, micro_batch_size: int, max_batches: int = 0) -> Iterator[dict[str, Any]]:
+        rows = self.rows()
+        starts = range(0, len(rows), micro_batch_size)
+        if max_batches:
+            starts = starts[:max_batches]
+        for s in starts:
+            yield self.task.collate(rows[s : s + micro_batch_size], train=False)

@@ -1,0 +1,223 @@
+"""Driver side of a training stage: Ray, the TorchTrainer, the MLflow run, export and lineage.
+
+:func:`run_training` is what every ``run_stageN`` calls.  It starts (or joins) Ray, opens the
+stage's MLflow run (resuming the run recorded in the output folder when the folder is reused),
+runs a ``TorchTrainer`` whose workers execute :func:`sepit.train.loop.train_worker`, then copies
+the final checkpoint's exported model to ``<output_dir>/model`` with ``lineage.json`` and the
+run config, and logs config, lineage, loss curve and the model folder to MLflow.
+
+Resuming: Ray Train keeps a run snapshot in ``<output_dir>/ray_results/<run_name>``; a second
+``fit()`` with the same storage path and name restarts from its latest checkpoint (ours holds
+model, optimizer, scheduler, step, RNG and data position), so re-running a stage with the same
+output folder continues where it stopped (including after ``max_steps`` was raised).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sepit.config.base import save_yaml, to_dict
+
+from .checkpoint import EXPORT_SUBDIR
+from .config import TrainConfig
+from .curves import plot_loss_curve
+from .data import data_config, training_datasets
+from .lineage import MODEL_ARTIFACT, ParentRef, build_lineage, dataset_fingerprint, write_lineage
+from .step_log import read_step_log
+from .task import TrainTask
+
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
+class TrainingError(RuntimeError):
+    """A training run failed (after Ray Train's retries); the message carries the worker error."""
+
+
+@dataclass
+class TrainingOutcome:
+    output_dir: Path
+    model_dir: Path
+    mlflow_run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint: str | None
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``run_stageN`` return value: output_dir, model_dir, mlflow_run_id, metrics, ..."""
+        return {"output_dir": str(self.output_dir), "model_dir": str(self.model_dir),
+                "mlflow_run_id": self.mlflow_run_id, "tracking_uri": self.tracking_uri,
+                "metrics": self.metrics, "checkpoint": self.checkpoint}
+
+
+def ensure_ray(cfg: TrainConfig) -> None:
+    """Join ``train.ray_address`` / ``RAY_ADDRESS``, or start a local Ray sized for this run.
+
+    A local Ray gets at least ``workers * cpus_per_worker + 2`` logical CPUs so the Ray Data
+    feeding tasks never starve behind the training workers (they deadlock otherwise).
+    """
+    import ray
+
+    from sepit.ray_runtime import init_ray
+
+    if ray.is_initialized():
+        return
+    need = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 2
+    init_ray(address=cfg.ray_address, num_cpus=None if (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+             else max(os.cpu_count() or 1, need))
+
+
+def _previous_run_id(out: Path, tracking_uri: str) -> str | None:
+    """The MLflow run this output folder used before (same store), so a resume continues it."""
+    f = out / MLFLOW_RUN_FILE
+    if not f.is_file():
+        return None
+    rec = json.loads(f.read_text())
+    if rec.get("tracking_uri") != tracking_uri:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).get_run(rec["run_id"])
+    except Exception:  # deleted run or another store: start a new one
+        return None
+    return rec["run_id"]
+
+
+def _log_params_once(run_id: str, tracking_uri: str, params: dict[str, Any]) -> None:
+    """Log params; on a resumed run, values that changed (e.g. max_steps) go to tags instead
+    (MLflow refuses to overwrite a param)."""
+    from mlflow.tracking import MlflowClient
+
+    from sepit.tracking import flatten, log_params
+
+    existing = MlflowClient(tracking_uri).get_run(run_id).data.params
+    flat = flatten(params)
+    new = {k: v for k, v in flat.items() if k not in existing}
+    changed = {f"resumed_with.{k}": v for k, v in flat.items() if k in existing and existing[k] != v}
+    if new:
+        log_params(new)
+    if changed:
+        import mlflow
+
+        mlflow.set_tags({k[:250]: v for k, v in changed.items()})
+
+
+def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tracking: dict):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .deepspeed_config import resolve_device
+    from .loop import train_worker
+
+    device = resolve_device(cfg.device)
+    resources = {"CPU": cfg.cpus_per_worker}
+    if device == "cuda":
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"task": task, "train": cfg, "mlflow": tracking, "val_rows": counts.get("val", 0)},
+        torch_config=TorchConfig(backend="nccl" if device == "cuda" else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=device == "cuda",
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=str(cfg.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # Ray Train's print patch tees every print to its logger: progress lines would show twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        datasets=datasets,
+        dataset_config=data_config(),
+    )
+
+
+def _final_metrics(cfg: TrainConfig, reported: dict[str, Any]) -> dict[str, float]:
+    out = {k: float(v) for k, v in (reported or {}).items() if isinstance(v, (int, float))}
+    train, val = read_step_log(cfg.train_log, "train"), read_step_log(cfg.train_log, "val")
+    if train:
+        last = train[max(train)]
+        first = train[min(train)]
+        out.setdefault("loss", last.get("loss"))
+        out["first_loss"] = first.get("loss")
+        out.setdefault("step", float(max(train)))
+    if val:
+        steps = sorted(val)
+        out.update({k: v for k, v in val[steps[-1]].items() if k.startswith("val_")})
+        if "val_loss" in val[steps[0]]:
+            out["first_val_loss"] = val[steps[0]]["val_loss"]
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def run_training(
+    task: TrainTask,
+    cfg: TrainConfig,
+    *,
+    dataset_dir: str | Path,
+    data_stage: str,
+    stage_config: Any,
+    parent: ParentRef | None = None,
+) -> TrainingOutcome:
+    """Train ``task`` on ``<dataset_dir>/<data_stage>/{train,val}.parquet``; see the module doc."""
+    import mlflow
+
+    from sepit.tracking import log_dict_artifact, resolve_tracking_uri, start_run
+
+    out = cfg.out_path
+    out.mkdir(parents=True, exist_ok=True)
+    config_dict = to_dict(stage_config)
+    save_yaml(stage_config, out / "config.yaml")
+    uri = resolve_tracking_uri(cfg.tracking_uri, out)
+    previous = _previous_run_id(out, uri)
+    ensure_ray(cfg)
+    datasets, counts = training_datasets(dataset_dir, data_stage, seed=cfg.seed, columns=task.columns)
+    data_fp = dataset_fingerprint(dataset_dir, data_stage)
+    tags = {"sepit.stage": task.stage}
+    if parent:
+        tags.update({"sepit.parent_path": parent.path, "sepit.parent_run_id": parent.run_id or "",
+                     "sepit.parent_stage": parent.stage or ""})
+    with start_run(cfg.run_name, tracking_uri=uri, experiment=cfg.experiment, parent_run_id=cfg.parent_run_id,
+                   run_id=previous, tags=tags) as run:
+        run_id = run.info.run_id
+        (out / MLFLOW_RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+        _log_params_once(run_id, uri, {**config_dict, "task": task.describe(),
+                                       "data.rows": counts, "data.files": data_fp["files"]})
+        if previous:
+            mlflow.set_tag("sepit.resumed", "true")
+        trainer = _trainer(task, cfg, datasets, counts, {"tracking_uri": uri, "run_id": run_id})
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            raise TrainingError(f"{task.stage} training in {out} failed: {exc}") from exc
+        ckpt = result.checkpoint
+        if ckpt is None:
+            raise TrainingError(f"{task.stage}: Ray Train finished without a checkpoint in {cfg.storage_path}")
+        export = Path(ckpt.path) / EXPORT_SUBDIR
+        if not export.is_dir():
+            raise TrainingError(f"{task.stage}: the final checkpoint {ckpt.path} holds no exported model")
+        model_dir = cfg.model_dir
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(export, model_dir)
+        metrics = _final_metrics(cfg, result.metrics)
+        lineage = build_lineage(stage=task.stage, config=config_dict, parent=parent, data=data_fp,
+                                mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, checkpoint=str(ckpt.path))
+        write_lineage(model_dir, lineage)
+        save_yaml(stage_config, model_dir / "run_config.yaml")
+        mlflow.set_tags({"sepit.lineage.parent": (parent.run_id or parent.path) if parent else "none",
+                         "sepit.model_dir": str(model_dir)})
+        mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items()})
+        log_dict_artifact(lineage, "lineage.json")
+        mlflow.log_artifact(str(out / "config.yaml"))
+        png = plot_loss_curve(cfg.train_log, out / "loss_curve.png", f"{task.stage}: {cfg.run_name}")
+        if png:
+            mlflow.log_artifact(str(png))
+        mlflow.log_artifacts(str(model_dir), MODEL_ARTIFACT)
+    return TrainingOutcome(output_dir=out, model_dir=model_dir, mlflow_run_id=run_id, tracking_uri=uri,
+                           metrics=metrics, checkpoint=str(ckpt.path), lineage=lineage)

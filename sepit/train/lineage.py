@@ -1,0 +1,131 @@
+"""Where a trained stage came from: parent stage, data fingerprints, config, code version.
+
+``lineage.json`` sits in every exported model folder and is logged to the stage's MLflow run
+(with the ``sepit.parent`` tags), so any model can be traced back to the data and code that made
+it.  :func:`resolve_parent` turns ``--init`` (a previous stage's folder or its MLflow run id)
+into a local model folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+LINEAGE_FILE = "lineage.json"
+#: The exported model folder inside a stage run's MLflow artifacts.
+MODEL_ARTIFACT = "model"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ParentNotFoundError(FileNotFoundError):
+    """``--init`` names neither an existing model folder nor a resolvable MLflow run."""
+
+
+@dataclass
+class ParentRef:
+    path: str
+    """Local folder holding the parent stage's exported model."""
+    run_id: str | None = None
+    """MLflow run id of the parent stage when it was given as one (or recorded in its lineage)."""
+    stage: str | None = None
+    """The parent's stage name, read from its lineage.json when present."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit(start: str | Path | None = None) -> str | None:
+    """HEAD of the git checkout holding ``start`` (default: this package), ``+dirty`` if modified."""
+    where = Path(start) if start else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout (installed wheel, job working_dir upload)
+    return f"{sha}+dirty" if dirty else sha
+
+
+def read_lineage(model_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(model_dir) / LINEAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def resolve_parent(ref: str, tracking_uri: str | None) -> ParentRef:
+    """A previous stage's exported folder, or the ``model`` artifact of an MLflow run id."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if (path / "model").is_dir() and not (path / "config.json").is_file():
+            path = path / "model"  # a stage's output folder was given instead of its model folder
+        lin = read_lineage(path) or {}
+        return ParentRef(path=str(path.resolve()), run_id=lin.get("mlflow_run_id"), stage=lin.get("stage"))
+    if _RUN_ID.match(ref):
+        if not tracking_uri:
+            raise ParentNotFoundError(f"--init {ref} looks like an MLflow run id but no tracking URI is set")
+        from sepit.tracking import find_run_artifact_dir
+
+        try:
+            local = find_run_artifact_dir(ref, tracking_uri, MODEL_ARTIFACT)
+        except Exception as exc:  # MLflow raises several types for unknown runs / artifacts
+            raise ParentNotFoundError(
+                f"MLflow run {ref} at {tracking_uri} has no '{MODEL_ARTIFACT}' artifact: {exc}") from None
+        lin = read_lineage(local) or {}
+        return ParentRef(path=str(local), run_id=ref, stage=lin.get("stage"))
+    raise ParentNotFoundError(f"--init {ref!r} is neither an existing folder nor an MLflow run id (32 hex digits)")
+
+
+def dataset_fingerprint(dataset_dir: str | Path, stage: str) -> dict[str, Any]:
+    """sha256 of the stage's split files and of the dataset card, plus the card's manifest entries."""
+    root = Path(dataset_dir)
+    files = {}
+    for split in ("train", "val", "test"):
+        p = root / stage / f"{split}.parquet"
+        if p.is_file():
+            files[f"{stage}/{split}.parquet"] = sha256_file(p)
+    out: dict[str, Any] = {"dataset_dir": str(root.resolve()), "files": files}
+    card = root / "card.json"
+    if card.is_file():
+        out["card_sha256"] = sha256_file(card)
+        try:
+            data = json.loads(card.read_text())
+        except json.JSONDecodeError:
+            data = {}
+        for key, value in data.items() if isinstance(data, dict) else ():
+            if "manifest" in key or "checksum" in key or key in ("store", "store_path"):
+                out[f"card.{key}"] = value
+    return out
+
+
+def build_lineage(*, stage: str, config: dict[str, Any], parent: ParentRef | None,
+                  data: dict[str, Any], mlflow_run_id: str | None, tracking_uri: str | None,
+                  metrics: dict[str, float], checkpoint: str | None) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "parent": asdict(parent) if parent else None,
+        "data": data,
+        "config": config,
+        "git_commit": git_commit(),
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": tracking_uri,
+        "checkpoint": checkpoint,
+        "final_metrics": metrics,
+    }
+
+
+def write_lineage(model_dir: str | Path, lineage: dict[str, Any]) -> Path:
+    path = Path(model_dir) / LINEAGE_FILE
+    path.write_text(json.dumps(lineage, indent=1, default=str))
+    return path
