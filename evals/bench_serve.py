@@ -1,17 +1,17 @@
 """Load benchmark of the SEPIT HTTP endpoint: dynamic batching vs batch size 1, loopback only.
 
-One run deploys the same model twice on a local Ray Serve (127.0.0.1), first with dynamic
-batching (``--max-batch-size``) and then with ``max_batch_size=1``, and for each drives
-``POST /v1/answer`` with 1, 4 and 16 concurrent closed-loop clients (each sends its next
-request when the previous answer arrives).  Requests are real questions and sequences from the
+One run deploys the same model twice on a local Ray Serve (127.0.0.1), as two applications:
+with dynamic batching (``--max-batch-size``) and with ``max_batch_size=1``.  At each
+concurrency (1, 4, 16 closed-loop clients: each sends its next request when its previous answer
+arrives) it drives ``POST /v1/answer`` of one application, then of the other.  Requests are real questions and sequences from the
 bundled QA sample (``sepit/resources/data/derived/qa.jsonl.gz``), greedy, a fixed token budget.
 It reports requests/s, p50/p99 latency and the server's own batch-size histogram, and the
 batching gain (requests/s batched / unbatched) per concurrency.
 
-    python evals/bench_serve.py --preset tiny                  # random-init tiny model, ~2 min
+    python evals/bench_serve.py --preset tiny                  # random-init tiny model, ~3 min
     python evals/bench_serve.py --model runs/small/stage2/export --out bench.json
 
-Bounded: ``--requests-per-client`` requests per client per setting and a wall-clock ``--timeout``.
+Bounded: ``--requests`` per measurement and a wall-clock ``--timeout``.
 The clients run in this process, on the same machine as the server (they compete for its CPUs).
 """
 
@@ -103,31 +103,22 @@ async def drive(url: str, workload: list[dict], clients: int, per_client: int, m
     }
 
 
-def run_setting(name: str, config, workload, concurrencies, per_client, max_new_tokens) -> dict:
+def runner_stats(url: str) -> dict:
     import httpx
-    from ray import serve
 
-    from sepit.serve.app import build_app
+    with httpx.Client(base_url=url, timeout=60) as http:
+        return http.get("/v1/stats").json()["runner"]
 
-    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{config.port}"
-    with httpx.Client(base_url=url, timeout=120) as http:  # one request so lazy setup is not timed
-        assert http.post("/v1/answer", json=dict(workload[0], max_new_tokens=2)).status_code == 200
-        stats_before = http.get("/v1/stats").json()["runner"]
-    rows = []
-    for clients in concurrencies:
-        row = asyncio.run(drive(url, workload, clients, per_client, max_new_tokens))
-        with httpx.Client(base_url=url, timeout=60) as http:
-            stats = http.get("/v1/stats").json()["runner"]
-        hist = {k: v - stats_before["batch_size_histogram"].get(k, 0) for k, v in stats["batch_size_histogram"].items()}
-        row["batch_sizes"] = {k: v for k, v in hist.items() if v}
-        stats_before = stats
-        rows.append(row)
-        print(f"  {name:9s} clients={clients:3d}  {row['rps']:8.2f} req/s  p50 {row['p50_ms']:8.1f} ms  "
-              f"p99 {row['p99_ms']:8.1f} ms  errors {row['errors']}  batches {row['batch_sizes']}", flush=True)
-    serve.delete(config.app_name)
-    return {"setting": name, "max_batch_size": config.max_batch_size,
-            "batch_wait_timeout_s": config.batch_wait_timeout_s, "results": rows}
+
+def measure(name: str, url: str, workload, clients: int, per_client: int, max_new_tokens: int) -> dict:
+    before = runner_stats(url)
+    row = asyncio.run(drive(url, workload, clients, per_client, max_new_tokens))
+    after = runner_stats(url)
+    hist = {k: v - before["batch_size_histogram"].get(k, 0) for k, v in after["batch_size_histogram"].items()}
+    row["batch_sizes"] = {k: v for k, v in hist.items() if v}
+    print(f"  {name:9s} clients={clients:3d}  {row['rps']:8.2f} req/s  p50 {row['p50_ms']:8.1f} ms  "
+          f"p99 {row['p99_ms']:8.1f} ms  errors {row['errors']}  batches {row['batch_sizes']}", flush=True)
+    return row
 
 
 def main(argv=None) -> int:
@@ -136,7 +127,8 @@ def main(argv=None) -> int:
     src.add_argument("--model", help="exported model folder")
     src.add_argument("--preset", default="tiny", choices=["tiny", "small"], help="random-init model to build")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--requests", type=int, default=48,
+                   help="requests per measurement, split over the clients (at least 2 each)")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -151,9 +143,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("benchmark --timeout reached")))
     signal.alarm(int(args.timeout))
 
+    import httpx
     from ray import serve
 
     from sepit.ray_runtime import init_ray
+    from sepit.serve.app import build_app
     from sepit.serve.config import GenerationDefaults, LimitsConfig, ServeConfig
 
     workload = load_workload(args.max_residues, 64)
@@ -162,21 +156,34 @@ def main(argv=None) -> int:
         init_ray(num_cpus=args.num_cpus)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        common = dict(model_dir=model_dir, port=port, num_cpus_per_replica=1, app_name="bench",
+        common = dict(model_dir=model_dir, port=port, num_cpus_per_replica=1,
                       max_ongoing_requests=max(64, max(args.concurrency) * 2), request_timeout_s=300,
                       limits=LimitsConfig(max_new_tokens=max(args.max_new_tokens, 64)),
                       generation=GenerationDefaults(max_new_tokens=args.max_new_tokens))
-        print(f"model {model_dir}; {len(workload)} workload requests; {args.max_new_tokens} new tokens; "
-              f"{args.requests_per_client} requests per client", flush=True)
+        print(f"model {model_dir}; {len(workload)} distinct workload requests; {args.max_new_tokens} new tokens; "
+              f"{args.requests} requests per measurement", flush=True)
         settings = [
-            ("batched", ServeConfig(max_batch_size=args.max_batch_size,
+            ("batched", ServeConfig(app_name="batched", route_prefix="/batched", max_batch_size=args.max_batch_size,
                                     batch_wait_timeout_s=args.batch_wait_timeout_s, **common)),
-            ("batch=1", ServeConfig(max_batch_size=1, batch_wait_timeout_s=0.0, **common)),
+            ("batch=1", ServeConfig(app_name="single", route_prefix="/single", max_batch_size=1,
+                                    batch_wait_timeout_s=0.0, **common)),
         ]
-        report = {"model": model_dir, "max_new_tokens": args.max_new_tokens, "settings": []}
-        for name, cfg in settings:
-            report["settings"].append(run_setting(name, cfg, workload, args.concurrency,
-                                                  args.requests_per_client, args.max_new_tokens))
+        # Both applications stay up (an idle replica costs memory, not CPU) and are measured in
+        # turn at each concurrency, so slow drifts of a shared machine hit both alike.
+        serve.run_many([serve.RunTarget(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+                        for _, cfg in settings])
+        urls = {name: f"http://127.0.0.1:{port}{cfg.route_prefix}" for name, cfg in settings}
+        for url in urls.values():  # one request each so lazy setup is not timed
+            with httpx.Client(base_url=url, timeout=120) as http:
+                assert http.post("/v1/answer", json=dict(workload[0], max_new_tokens=2)).status_code == 200
+        report = {"model": model_dir, "max_new_tokens": args.max_new_tokens, "requests": args.requests,
+                  "settings": [{"setting": name, "max_batch_size": cfg.max_batch_size,
+                                "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "results": []}
+                               for name, cfg in settings]}
+        for clients in args.concurrency:
+            per_client = max(2, args.requests // clients)
+            for entry, (name, _) in zip(report["settings"], settings):
+                entry["results"].append(measure(name, urls[name], workload, clients, per_client, args.max_new_tokens))
         serve.shutdown()
     batched, single = (s["results"] for s in report["settings"])
     report["batching_gain"] = {str(b["clients"]): round(b["rps"] / s["rps"], 2) if s["rps"] else None
