@@ -1,0 +1,43 @@
+"""Opening annotation files: plain or gzip-compressed text, with errors that name the file."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Iterator, Optional
+
+from sepit.data.annotations import AnnotationFormatError
+
+
+def strip_gz(name: str) -> str:
+    """``foo.txt.gz`` -> ``foo.txt`` (the name a format is recognised by)."""
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def read_text(path: str | Path) -> str:
+    """The whole file as text (gunzipped when the name ends in ``.gz``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationFormatError(str(path), None, "file does not exist")
+    try:
+        raw = path.read_bytes()
+        if path.name.endswith(".gz"):
+            raw = gzip.decompress(raw)
+        return raw.decode("utf-8")
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise AnnotationFormatError(str(path), None, f"cannot decompress: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise AnnotationFormatError(str(path), None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(1-based line number, line without its newline)`` for every line of the file."""
+    for i, line in enumerate(read_text(path).splitlines(), start=1):
+        yield i, line
+
+
+def report(errors: Optional[list], error: AnnotationFormatError) -> None:
+    """Strict mode (``errors is None``): raise.  Lenient mode: collect and go on."""
+    if errors is None:
+        raise error
+    errors.append(error)
