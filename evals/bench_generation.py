@@ -6,7 +6,8 @@ pool, journalled predictions), on the same real questions and proteins from the 
 sample, greedy decoding with a fixed token budget.  Per setting it reports
 
 * end-to-end tokens/s: all new tokens / wall time, replica start-up and model loading included;
-* steady tokens/s: tokens after the first returned batch / time after it (start-up excluded);
+* steady tokens/s: tokens after the first returned batch / time after it (start-up excluded;
+  reported only when at least 4 batches follow the first);
 
 and the ratios against 1 replica at batch size 1 and against 1 replica at the same batch size.
 
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sepit.ray_runtime import set_local_defaults  # noqa: E402
 
 set_local_defaults()
+
+MIN_STEADY_BATCHES = 4
 
 
 def build_model(preset: str, out: Path) -> Path:
@@ -65,7 +68,10 @@ def run_setting(rows, model_dir: Path, replicas: int, batch: int, args, tmp: Pat
     store = PredictionsStore(tmp / f"r{replicas}_b{batch}")  # fresh: nothing is resumed
     s = generate_predictions([GenerationTask("bench", rows, store)], str(model_dir), cfg)["bench"]
     steady_s = s.seconds - s.first_batch_seconds
-    steady = (s.new_tokens - s.first_batch_tokens) / steady_s if s.n_batches > 1 and steady_s > 0 else float("nan")
+    # Batches stream back as replicas finish them; with few batches the "after the first" window
+    # is one straggler and the rate is meaningless, so it needs MIN_STEADY_BATCHES after the first.
+    ok = s.n_batches - 1 >= MIN_STEADY_BATCHES and steady_s > 0
+    steady = (s.new_tokens - s.first_batch_tokens) / steady_s if ok else float("nan")
     return {"replicas": replicas, "batch_size": batch, "rows": s.n_rows, "new_tokens": s.new_tokens,
             "batches": s.n_batches, "seconds": round(s.seconds, 2), "startup_and_first_batch_s": round(s.first_batch_seconds, 2),
             "tokens_per_s": round(s.tokens_per_second, 2), "steady_tokens_per_s": round(steady, 2)}
@@ -75,7 +81,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="model folder (default: build --preset)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
-    p.add_argument("--rows", type=int, default=64, help="questions per setting")
+    p.add_argument("--rows", type=int, default=320, help="questions per setting (>= 5 batches at the largest size)")
     p.add_argument("--max-residues", type=int, default=300)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])

@@ -21,6 +21,7 @@ TEST_IDS = [
     "deeploc_lightattention:00934", "pika_sample_metrics:00011", "pika_sample_metrics:00012",
     "pika_sample:00000", "pika_sample:00002", "pika_sample:00010",
 ]
+LONG_ID = "pika_sample_metrics:00109"  # 2435 residues: above the model's max_residues, rejected up front
 STRUCTURES = {  # record id -> (bundled structure file, chain)
     "string_v12_ctrachomatis:00531": ("chlamatlas_afdb/afdb_models/AF-O84224-F1-model_v4.cif.gz", "A"),
     "string_v12_ctrachomatis:00927": ("chlamatlas_afdb/afdb_models/AF-P65106-F1-model_v4.cif.gz", "A"),
@@ -48,7 +49,7 @@ def dataset_dir(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("data")
     qa = _qa_rows()
-    test = [r for r in qa if r["id"] in TEST_IDS]
+    test = [r for r in qa if r["id"] in TEST_IDS or r["id"] == LONG_ID]
     test_acc = {r["accession"] for r in test}
     train = [r for r in qa if r["accession"] not in test_acc and (
         r["source"] in ("pika_sample", "pika_sample_metrics") or r["task_type"] == "subcellular_location_mc"
@@ -123,7 +124,7 @@ def test_evaluate_resumes_and_reports(ray_local, dataset_dir, models, tmp_path, 
     assert summary["model"]["n_generated"] == len(TEST_IDS) - len(partial)
     assert summary["sequence_only"]["n_rows"] == len(STRUCTURES)
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert [p["id"] for p in preds] == load_eval_data(dataset_dir).ids  # input order, each id once
+    assert [p["id"] for p in preds] == [i for i in load_eval_data(dataset_dir).ids if i != LONG_ID]  # input order, once
     assert {p["id"] for p in partial} <= {p["id"] for p in preds}
     for p in preds:
         assert p["structure_used"] is (p["id"] in STRUCTURES)
@@ -141,8 +142,10 @@ def test_evaluate_resumes_and_reports(ray_local, dataset_dir, models, tmp_path, 
     assert rl["ci_low"] <= rl["mean"] <= rl["ci_high"] and rl["n"] == 5
     assert "bleu4" in model_tasks["open"]["by_category"]["function"]["metrics"]
     assert metrics["systems"]["majority"]["tasks"].keys() == {"yes_no", "multiple_choice"}
-    assert metrics["data"] == {"source": str(dataset_dir / "stage2" / "test.parquet"), "n_input": 9, "n_rejected": 0,
+    assert metrics["data"] == {"source": str(dataset_dir / "stage2" / "test.parquet"), "n_input": 10, "n_rejected": 1,
                                "n_evaluated": 9, "n_with_structure": 4, "limit": None}
+    reject = json.loads((out / "rejects.jsonl").read_text())
+    assert reject["id"] == LONG_ID and "2435 residues, above max_residues=1022" in reject["reason"]
     assert metrics["structure_subset"]["n"] == len(STRUCTURES)
     assert "tok:13a|smooth:exp" in metrics["metric_definitions"]["corpus_bleu"]["signature"]
     report = (out / "report.md").read_text()
@@ -242,3 +245,29 @@ def test_baselines_answer_from_training_proteins():
     assert nn["e2"].prediction == "It represses transcription." and nn["e2"].extra["match"] == "category"
     maj = majority_baseline(train, evals)
     assert [r.id for r in maj] == ["e1"] and maj[0].prediction == "No"  # 2 of 3 training answers
+
+
+def test_reference_conversation_jsonl_takes_proteins_from_pdb_h5(tmp_path):
+    import h5py
+    import numpy as np
+
+    from sepit.structure.parse import load_records
+
+    rec = load_records(data_path("chlamatlas_afdb", "afdb_models", "AF-O84171-F1-model_v4.cif.gz"), chain="A")[0]
+    with h5py.File(tmp_path / "pdb.h5", "w") as f:  # the reference's layout: one group per accession
+        g = f.create_group("O84171")
+        g["sequence"] = np.array([rec.sequence.encode()])
+        g["node_position"] = rec.coords
+    conv = {"id": "O84171", "conversation": [
+        {"role": "user", "content": "What is the function of <protein>?"},
+        {"role": "assistant", "content": "Aporepressor of the trp operon."},
+        {"role": "user", "content": "Is <protein> an enzyme?"},
+        {"role": "assistant", "content": "No"}]}
+    path = tmp_path / "stage2" / "qa_test.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps(conv) + "\n" + json.dumps({"id": "P99999", "conversation": conv["conversation"][:2]}) + "\n")
+    data = load_eval_data(path, pdb_h5=str(tmp_path / "pdb.h5"))
+    assert [r["task"] for r in data.rows] == ["open", "yes_no"]
+    assert all(r["has_structure"] and len(r["coords"]) == 3 * rec.length for r in data.rows)
+    assert data.rejects == [{"id": "P99999:0", "reason": "no protein sequence (reference JSONL rows need pdb_h5)"}]
+    assert data.n_input == 3

@@ -136,6 +136,26 @@ class ModelReplica:
         }
 
 
+def unusable_rows(rows: Sequence[dict], model_dir: str, truncate: bool = False) -> dict[str, str]:
+    """``{id: reason}`` for rows the model's protein collation would refuse (over-long proteins,
+    residues outside its ESM alphabet), checked in the driver so one bad row cannot fail a batch."""
+    import esm
+
+    from sepit.models.io import read_config
+    from sepit.models.protein_batch import ProteinBatchError, collate_proteins
+
+    cfg = read_config(model_dir)
+    alphabet = esm.data.Alphabet.from_architecture(cfg["sepit"]["encoder"].get("alphabet", "ESM-1b"))
+    max_residues = int(cfg["sepit"].get("max_residues", 1022))
+    bad = {}
+    for r in rows:
+        try:
+            collate_proteins(alphabet, [protein_tuple(r)], max_residues=max_residues, truncate=truncate)
+        except ProteinBatchError as exc:
+            bad[r["id"]] = str(exc).replace("item 0: ", "")
+    return bad
+
+
 def _record(row: dict, prediction: str, n_new: int, structure_used: bool) -> PredictionRecord:
     return PredictionRecord(
         id=row["id"], task=row["task"], category=row.get("category") or "other", question=row["question"],

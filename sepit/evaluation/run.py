@@ -20,7 +20,7 @@ from typing import Any
 
 from sepit.config.base import ConfigError, check_choice, from_dict, load_config, to_dict
 from sepit.evaluation.bootstrap import BootstrapConfig
-from sepit.evaluation.generate import GenerationConfig, GenerationTask, generate_predictions
+from sepit.evaluation.generate import GenerationConfig, GenerationTask, generate_predictions, unusable_rows
 from sepit.evaluation.metrics import MetricsConfig
 from sepit.evaluation.predictions import PredictionsStore
 
@@ -94,9 +94,9 @@ def find_train_split(cfg: EvaluateConfig, lineage: dict) -> Path | None:
         return p
     stage = cfg.split.rpartition("/")[0] or "stage2"
     for root in (Path(cfg.data), Path((lineage.get("data") or {}).get("dataset_dir") or "/nonexistent")):
-        cand = root / stage / "train.parquet"
-        if root.is_dir() and cand.is_file():
-            return cand
+        for cand in (root / stage / "train.parquet", root / "train.parquet"):  # dataset or stage folder
+            if root.is_dir() and cand.is_file():
+                return cand
     return None
 
 
@@ -133,8 +133,14 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(cfg.model)
+    compare_dir = resolve_model_dir(cfg.compare_model) if cfg.compare_model else None
     lineage = read_lineage(model_dir)
     data = load_eval_data(cfg.data, cfg.split, pdb_h5=cfg.pdb_h5, limit=cfg.limit)
+    for check_dir in (model_dir, compare_dir):
+        if check_dir is not None:
+            bad = unusable_rows(data.rows, str(check_dir), cfg.generation.truncate)
+            data.rejects += [{"id": i, "reason": f"{why} ({check_dir.name})"} for i, why in bad.items()]
+            data.rows = [r for r in data.rows if r["id"] not in bad]
     if data.rejects:
         write_jsonl(out / "rejects.jsonl", data.rejects)
     rows = data.rows
@@ -148,7 +154,6 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
         tasks.append(GenerationTask("sequence_only", struct_rows, PredictionsStore(out / "ablations" / "sequence_only"),
                                     drop_structure=True))
     summaries = generate_predictions(tasks, str(model_dir), cfg.generation, on_batch=_progress)
-    compare_dir = resolve_model_dir(cfg.compare_model) if cfg.compare_model else None
     if compare_dir is not None and all(s.complete for s in summaries.values()):
         summaries.update(generate_predictions(
             [GenerationTask("compare_model", rows, PredictionsStore(out / "ablations" / "compare_model"))],
