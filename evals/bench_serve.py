@@ -22,7 +22,6 @@ import asyncio
 import gzip
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import time

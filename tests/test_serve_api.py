@@ -129,8 +129,8 @@ def test_answer_from_pdb_and_mmcif_uses_the_structure(server):
     pdb = _answer(c, sequence=None, structure={"format": "pdb", "data": _pdb("biotite_testdata/1aki.pdb.gz")})
     assert pdb.status_code == 200, pdb.text
     assert pdb.json()["structure_used"] is True
-    assert pdb.json()["protein"] | {} == {"length": 129, "source": "pdb", "chain": "A",
-                                          "residues_with_coords": 129, "structure_used": True}
+    assert pdb.json()["protein"] == {"length": 129, "source": "pdb", "chain": "A",
+                                     "residues_with_coords": 129, "structure_used": True}
     lcd = _answer(c, sequence=None, structure={"format": "pdb", "data": _pdb("biopython_testdata/pdb/1LCD.pdb.gz")},
                   chain="A")
     assert lcd.status_code == 200 and lcd.json()["protein"]["chain"] == "A"
