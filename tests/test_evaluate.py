@@ -147,6 +147,7 @@ def test_evaluate_resumes_and_reports(ray_local, dataset_dir, models, tmp_path, 
     reject = json.loads((out / "rejects.jsonl").read_text())
     assert reject["id"] == LONG_ID and "2435 residues, above max_residues=1022" in reject["reason"]
     assert metrics["structure_subset"]["n"] == len(STRUCTURES)
+    assert metrics["summary"]["yes_no accuracy"].startswith("model ") and "majority" in metrics["summary"]["yes_no accuracy"]
     assert "tok:13a|smooth:exp" in metrics["metric_definitions"]["corpus_bleu"]["signature"]
     report = (out / "report.md").read_text()
     for text in ("### open", "### yes_no", "nearest neighbour", "model, structures dropped", "comparison model",

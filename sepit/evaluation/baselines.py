@@ -107,14 +107,15 @@ def fallback_identity(a: str, b: str) -> float:
 class NeighbourRanker:
     """Training proteins ranked by sequence identity to a query.
 
-    With ``sepit.data.identity`` present, the ``max_candidates`` training proteins with the most
-    similar 3-mer sets are aligned (its k-mer prefilter; a weak homolog outside them is missed);
-    otherwise every training protein is scored with :func:`fallback_identity`.
+    With ``sepit.data.identity`` present, :meth:`rank` aligns the ``max_candidates`` training
+    proteins with the most similar 3-mer sets (its k-mer prefilter: a weak homolog outside them
+    is missed); otherwise every training protein is scored with :func:`fallback_identity`.
+    :meth:`rank_among` scores a given subset exactly (the proteins asked one question).
     """
 
     def __init__(self, sequences: dict[str, str], max_candidates: int = 50) -> None:
         self.ids = list(sequences)
-        self.seqs = [sequences[i] for i in self.ids]
+        self.seqs = dict(sequences)
         self.max_candidates = max_candidates
         try:
             from sepit.data import identity as ident
@@ -123,62 +124,77 @@ class NeighbourRanker:
         self._ident = ident
         self.description = (
             f"sepit.data.identity (BLOSUM62 alignment identity / shorter length) over the {max_candidates} "
-            "training proteins with the most similar 3-mer sets"
+            "training proteins with the most similar 3-mer sets, else over the proteins asked the same question"
             if ident else "Biopython global alignment: identical residues / shorter length, all training proteins"
         )
-        if ident is not None and self.seqs:
-            self._train_kmers = ident.kmer_matrix(self.seqs, 3)
-        self._cache: dict[str, list[tuple[float, str]]] = {}
+        if ident is not None and self.ids:
+            self._train_kmers = ident.kmer_matrix([self.seqs[i] for i in self.ids], 3)
+        self._ranked: dict[str, list[tuple[float, str]]] = {}
+        self._pair: dict[tuple[str, str], float] = {}
+
+    def identity(self, query: str, pid: str) -> float:
+        key = (query, pid)
+        if key not in self._pair:
+            fn = self._ident.sequence_identity if self._ident is not None else fallback_identity
+            self._pair[key] = float(fn(query, self.seqs[pid]))
+        return self._pair[key]
 
     def rank(self, query: str) -> list[tuple[float, str]]:
         """``[(identity, protein id), ...]`` best first (ties by id)."""
-        if query in self._cache:
-            return self._cache[query]
-        if self._ident is None:
-            scored = [(fallback_identity(query, s), pid) for pid, s in zip(self.ids, self.seqs)]
-        else:
-            q = self._ident.kmer_matrix([query], 3)
-            sim = (q @ self._train_kmers.T).toarray().ravel()
-            order = np.argsort(-sim, kind="stable")[: self.max_candidates]
-            scored = [(self._ident.sequence_identity(query, self.seqs[i]), self.ids[i]) for i in order]
-        ranked = sorted(scored, key=lambda x: (-x[0], x[1]))
-        self._cache[query] = ranked
-        return ranked
+        if query not in self._ranked:
+            if self._ident is None:
+                pids = self.ids
+            else:
+                sim = (self._ident.kmer_matrix([query], 3) @ self._train_kmers.T).toarray().ravel()
+                pids = [self.ids[i] for i in np.argsort(-sim, kind="stable")[: self.max_candidates]]
+            self._ranked[query] = self.rank_among(query, pids)
+        return self._ranked[query]
+
+    def rank_among(self, query: str, pids: Sequence[str]) -> list[tuple[float, str]]:
+        return sorted(((self.identity(query, p), p) for p in pids), key=lambda x: (-x[0], x[1]))
 
 
 def nearest_neighbour_baseline(
-    train_rows: Sequence[dict], eval_rows: Sequence[dict], max_candidates: int = 50,
+    train_rows: Sequence[dict], eval_rows: Sequence[dict], max_candidates: int = 50, max_askers: int = 200,
 ) -> tuple[list[PredictionRecord], str]:
     """Answer each eval row with the answer of its most similar training protein.
 
-    Neighbours are tried in order of identity until one has an answer for the same question
-    (closed-set and open), or for the same task and category (open only).  A row no neighbour
-    can answer gets an empty prediction (scored, never dropped).  Returns (records, how identity
-    was computed).
+    The nearest training proteins are tried in order of identity until one has an answer for the
+    same question; failing that, the most identical of the training proteins that *were* asked
+    that question (at most ``max_askers`` of them) answers; open questions then fall back to the
+    nearest protein's answer in the same category.  A multiple-choice answer counts only if the
+    neighbour's correct option is among this row's options.  A row nothing can answer gets an
+    empty prediction (scored, never dropped).  Returns (records, how identity was computed).
     """
     proteins: dict[str, str] = {}
     answers: dict[tuple, dict] = {}
+    askers: dict[tuple, list[str]] = {}
     for r in train_rows:
         pid = r.get("protein_id") or r["id"]
         proteins.setdefault(pid, r["sequence"])
-        answers.setdefault((pid, r["task"], question_key(r["question"])), r)
-        if r["task"] not in CLOSED:
-            answers.setdefault((pid, r["task"], "category:" + (r.get("category") or "other")), r)
-    ranker = NeighbourRanker(proteins, max_candidates)
-    out = []
-    for r in eval_rows:
         keys = [question_key(r["question"])]
         if r["task"] not in CLOSED:
             keys.append("category:" + (r.get("category") or "other"))
-        pred, info = "", {"neighbour": None, "identity": None, "match": None}
         for key in keys:
-            for ident, pid in ranker.rank(r["sequence"]):
+            if (pid, r["task"], key) not in answers:
+                answers[(pid, r["task"], key)] = r
+                askers.setdefault((r["task"], key), []).append(pid)
+    ranker = NeighbourRanker(proteins, max_candidates)
+    out = []
+    for r in eval_rows:
+        qkey = question_key(r["question"])
+        attempts = [("question", qkey, ranker.rank(r["sequence"])),
+                    ("question", qkey, lambda: ranker.rank_among(r["sequence"], askers.get((r["task"], qkey), [])[:max_askers]))]
+        if r["task"] not in CLOSED:
+            cat = "category:" + (r.get("category") or "other")
+            attempts.append(("category", cat, ranker.rank(r["sequence"])))
+        pred, info = "", {"neighbour": None, "identity": None, "match": None}
+        for match, key, ranked in attempts:
+            for ident, pid in (ranked() if callable(ranked) else ranked):
                 hit = answers.get((pid, r["task"], key))
                 mapped = _map_answer(hit, r) if hit is not None else None
                 if mapped is not None:
-                    pred = mapped
-                    info = {"neighbour": pid, "identity": round(float(ident), 4),
-                            "match": "category" if key.startswith("category:") else "question"}
+                    pred, info = mapped, {"neighbour": pid, "identity": round(ident, 4), "match": match}
                     break
             if info["neighbour"] is not None:
                 break

@@ -214,6 +214,8 @@ def write_report(out_dir: Path, result: dict, per_sample: dict[str, list[dict]])
     lines = [f"# Evaluation report\n", f"- model: `{result['model']['path']}`"]
     if result["model"].get("run_id"):
         lines.append(f"- model's MLflow run: `{result['model']['run_id']}`")
+    if result["model"].get("compare_path"):
+        lines.append(f"- comparison model: `{result['model']['compare_path']}`")
     d = result["data"]
     lines += [
         f"- data: `{d['source']}`: {d['n_input']} rows read, {d['n_rejected']} rejected, "

@@ -125,7 +125,7 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
     from sepit.evaluation.predictions import write_predictions
     from sepit.evaluation.metrics import TextMetrics
     from sepit.evaluation.report import clean_json, write_report
-    from sepit.evaluation.scoring import RecordScorer, score_systems
+    from sepit.evaluation.scoring import RecordScorer, score_systems, summary_lines
     from sepit.ray_runtime import set_local_defaults
 
     set_local_defaults()
@@ -213,6 +213,7 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
         "data": {"source": data.source, "n_input": data.n_input, "n_rejected": len(data.rejects),
                  "n_evaluated": len(rows), "n_with_structure": len(struct_rows), "limit": cfg.limit},
         "generation": gen_info,
+        "summary": summary_lines(scored),
         "systems": scored,
         "structure_subset": structure_subset,
         "metric_definitions": scorer.text.describe(),

@@ -135,3 +135,21 @@ def score_systems(
     for name, records in systems.items():
         scored[name], per_sample[name] = scorer.score(records)
     return scored, per_sample
+
+
+def summary_lines(systems: dict[str, dict]) -> dict[str, str]:
+    """One line per task comparing systems on its headline number, e.g.
+    ``{"yes_no accuracy": "model 55.0 | majority 61.2 | nearest_neighbour 58.3"}`` (for console reports)."""
+    out: dict[str, str] = {}
+    for task in TASK_ORDER:
+        key = f"{task} accuracy" if task in CLOSED_TASKS else f"{task} ROUGE-L"
+        parts = []
+        for name, block in systems.items():
+            b = block.get("tasks", {}).get(task)
+            if b is None:
+                continue
+            v = b["accuracy"]["mean"] if task in CLOSED_TASKS else b["metrics"]["rougeL"]["mean"]
+            parts.append(f"{name} {v:.1f}")
+        if parts:
+            out[key] = " | ".join(parts)
+    return out
