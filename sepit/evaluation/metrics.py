@@ -92,6 +92,21 @@ def load_wordnet(extra_dirs: Sequence[str] = ()) -> tuple[object, str]:
         return _NoSynonyms(), "no_synonyms"
 
 
+DEBIAN_WORDNET = "/usr/share/wordnet"
+
+
+def wordnet_detail(status: str) -> str:
+    """Why METEOR has or lacks synonyms, in words (Debian's wordnet-base is not NLTK-readable)."""
+    import os
+
+    if status == "wordnet":
+        return "NLTK WordNet corpus found"
+    if os.path.isdir(DEBIAN_WORDNET):
+        return (f"{DEBIAN_WORDNET} (Debian wordnet-base) is present but NLTK cannot read it (no 'lexnames' "
+                "file, and it is not under an NLTK data root); metrics.wordnet_dirs can name a prepared root")
+    return "no WordNet data installed; NLTK cannot download it offline"
+
+
 # --------------------------------------------------------------------------- per-sample scores
 class TextMetrics:
     """Scores (prediction, reference) pairs; loads the encoder and WordNet once."""
@@ -189,6 +204,7 @@ class TextMetrics:
                 "tokenization": tok,
                 "synonyms": self.wordnet_status == "wordnet",
                 "note": "METEOR with WordNet synonyms" if self.wordnet_status == "wordnet" else "METEOR without synonyms (WordNet not found by NLTK)",
+                "wordnet_detail": wordnet_detail(self.wordnet_status),
             },
             "bertscore": self.bertscorer.describe() if self.config.bertscore_enabled else {"enabled": False},
             "scale": "x100, averaged per sample",

@@ -98,7 +98,8 @@ def definitions(defs: dict) -> list[str]:
         f"{bleu['weights']}; smoothing: {bleu['smoothing']}; tokens: {bleu['tokenization']}.",
         f"- **Corpus BLEU**: {defs['corpus_bleu']['implementation']}, signature `{defs['corpus_bleu']['signature']}`.",
         f"- **ROUGE-1/2/L**: {defs['rouge']['implementation']}, F-measure, Porter stemming.",
-        f"- **METEOR**: {meteor['implementation']} on {meteor['tokenization']}. **{meteor['note']}**.",
+        f"- **METEOR**: {meteor['implementation']} on {meteor['tokenization']}. **{meteor['note']}**"
+        + (f" ({meteor['wordnet_detail']})." if meteor.get("wordnet_detail") else "."),
     ]
     if bs.get("enabled", True):
         lines.append(
