@@ -18,7 +18,7 @@ from sepit.data.annotations import ProteinAnnotation, QAItem
 from sepit.data.prompts import PromptError, normalize_question
 from sepit.data.protein_join import StoreIndex, join_protein
 from sepit.data.questions import (
-    ExampleText, caption_examples, format_multiple_choice, multiple_choice_examples, open_examples,
+    MC_OPTIONS_HEADER, ExampleText, caption_examples, choice_letter, format_multiple_choice, multiple_choice_examples, open_examples,
     yes_no_examples,
 )
 from sepit.models.tokenizer import BOP_TOKEN, BOS_TOKEN, EOP_TOKEN, EOS_TOKEN, PAD_TOKEN, PROTEIN_TOKEN, UNK_TOKEN
@@ -112,7 +112,12 @@ def annotation_examples(
 def qa_example(item: QAItem) -> ExampleText:
     """A ready-made QA pair as an example (multiple choice laid out with lettered options)."""
     if item.task == "multiple_choice":
-        return format_multiple_choice(item.question, item.choices, item.choices.index(item.answer), item.category)
+        correct = item.choices.index(item.answer)
+        if MC_OPTIONS_HEADER in item.question:  # already laid out (our own export read back)
+            letter = choice_letter(correct)
+            return ExampleText(item.question, f"{letter}) {item.answer}", item.task, item.category,
+                               tuple(item.choices), letter)
+        return format_multiple_choice(item.question, item.choices, correct, item.category)
     return ExampleText(item.question, item.answer, item.task, item.category)
 
 

@@ -11,7 +11,8 @@ record falls back to sequence-only with a note, rather than risk mis-aligned coo
 Annotations without a sequence take the store record's sequence and coordinates unchanged.
 
 Candidates are found by the structure file a record names (QA JSONL ``structure_file`` +
-``structure_chain``), else by UniProt accession, else by an identical sequence.  Among several
+``structure_chain``), else by UniProt accession, else by store record id (``pdb.h5`` group names
+that are not accessions), else by an identical sequence.  Among several
 candidates the one mapping the most residues wins (ties: record id order).
 """
 
@@ -92,6 +93,7 @@ class StoreIndex:
         self.by_accession: dict[str, list[ProteinRecord]] = defaultdict(list)
         self.by_file: dict[tuple[str, Optional[str]], list[ProteinRecord]] = defaultdict(list)
         self.by_sequence: dict[str, list[ProteinRecord]] = defaultdict(list)
+        self.by_id: dict[str, ProteinRecord] = {rec.id: rec for rec in self.records}
         for rec in self.records:
             if rec.accession:
                 self.by_accession[rec.accession].append(rec)
@@ -117,6 +119,8 @@ class StoreIndex:
                 return found
         if accession and accession in self.by_accession:
             return self.by_accession[accession]
+        if accession and accession in self.by_id:  # the reference keys pdb.h5 groups by this id
+            return [self.by_id[accession]]
         if sequence and sequence in self.by_sequence:
             return self.by_sequence[sequence]
         return []

@@ -63,6 +63,7 @@ MC_TEMPLATES: Mapping[str, str] = {
 }
 CLOSED_SET_CATEGORIES = tuple(YES_NO_TEMPLATES)
 MC_INSTRUCTION = "Answer with the letter and the option."
+MC_OPTIONS_HEADER = "\nOptions:\n"
 GO_ASPECTS = (("F", "Molecular function"), ("P", "Biological process"), ("C", "Cellular component"))
 
 
@@ -92,7 +93,8 @@ def choice_letter(index: int) -> str:
 
 def format_multiple_choice(stem: str, choices: Sequence[str], correct: int, category: str) -> ExampleText:
     """Lay out a multiple-choice question; ``correct`` indexes ``choices``."""
-    lines = [stem, "Options:"] + [f"{choice_letter(i)}) {c}" for i, c in enumerate(choices)] + [MC_INSTRUCTION]
+    lines = [stem + MC_OPTIONS_HEADER.rstrip("\n")] + [f"{choice_letter(i)}) {c}" for i, c in enumerate(choices)]
+    lines.append(MC_INSTRUCTION)
     letter = choice_letter(correct)
     return ExampleText("\n".join(lines), f"{letter}) {choices[correct]}", "multiple_choice", category,
                        tuple(choices), letter)
@@ -149,15 +151,17 @@ def open_examples(ann: ProteinAnnotation, seed: int, key: str, categories: Seque
 
 
 # --------------------------------------------------------------------------- closed set
-def _related(label: str, own: Sequence[str]) -> bool:
-    """Labels that contain each other ("Membrane" / "Cell membrane") are not safe negatives."""
-    low = label.lower()
-    return any(low in o.lower() or o.lower() in low for o in own)
-
-
 def negative_candidates(own: Sequence[str], pool: Sequence[str]) -> list[str]:
-    """Labels other proteins carry in this category, minus this protein's and related ones."""
-    return [label for label in pool if not _related(label, own)]
+    """Labels other proteins carry in this category, minus this protein's and related ones.
+
+    Labels that contain each other ("Membrane" / "Cell membrane") are not safe negatives: the
+    protein may well carry the broader one without the source saying so.
+    """
+    if not own:
+        return []
+    own_l = [o.lower() for o in own]
+    return [label for label in pool
+            if not any(label.lower() in o or o in label.lower() for o in own_l)]
 
 
 def yes_no_examples(
@@ -167,8 +171,10 @@ def yes_no_examples(
 
     Exactly balanced: a pair is emitted only when both a positive and a negative exist.
     """
+    if not own or n_pairs <= 0:
+        return []
     negatives = negative_candidates(own, pool)
-    if not own or not negatives or n_pairs <= 0:
+    if not negatives:
         return []
     rng = rng_for(seed, key, "yes_no", category)
     positives = rng.sample(list(own), min(n_pairs, len(own)))
@@ -186,8 +192,10 @@ def multiple_choice_examples(
     seed: int, key: str,
 ) -> list[ExampleText]:
     """``n_questions`` questions, each with one own label and ``n_choices - 1`` distractors."""
+    if not own or n_questions <= 0:
+        return []
     negatives = negative_candidates(own, pool)
-    if not own or len(negatives) < n_choices - 1 or n_questions <= 0:
+    if len(negatives) < n_choices - 1:
         return []
     rng = rng_for(seed, key, "mc", category)
     out = []

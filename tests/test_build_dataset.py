@@ -1,0 +1,144 @@
+"""The dataset builder end to end on real bundled annotations and a small real protein store."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from dataset_support import N_DEEPLOC, all_rows, small_build, write_small_store
+
+from sepit.cli import main as sepit_main
+from sepit.config.base import ConfigError
+from sepit.data.build import BuildConfig, BuildError, build_dataset
+from sepit.data.build_inputs import default_annotation_files
+from sepit.data.instruction_schema import INSTRUCTION_SCHEMA
+from sepit.data.readers import read_annotations
+from sepit.resources import DATA_DIR
+from sepit.structure.store import ProteinStore
+
+QA_SOURCES_FROM_FILES = {"uniprot", "string", "deeploc"}  # generated questions (not imported QA)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = small_build(tmp_path_factory.getbasetemp())
+    return out, json.loads((out / "card.json").read_text()), all_rows(out)
+
+
+def test_counts_reconcile_with_inputs(built):
+    out, card, _rows = built
+    skipped = pq.read_table(out / "skipped.parquet").to_pylist()
+    inputs = card["inputs"]
+    assert inputs["records"] == inputs["used"] + inputs["skipped"] and inputs["reconciles"]
+    assert len(skipped) == inputs["skipped"] and all(r["reason"] for r in skipped)
+    # the per-file record counts are what the readers yield on the same files
+    for path, counts in inputs["per_file"].items():
+        assert counts["records"] == len(list(read_annotations(path, id_map=None if "string" not in path else _id_map())))
+        assert counts["records"] == counts["used"] + counts["skipped"]
+    assert inputs["per_file"][str(out.parent / "deeploc_head.fasta.gz")]["records"] == N_DEEPLOC
+    # STRING rows without an accession mapping and placeholder texts are skipped, with reasons
+    reasons = Counter(r["reason"].split(":")[0] for r in skipped)
+    assert reasons["no usable annotation (no function text and no category labels)"] == 223
+    store = card["store"]
+    assert store["records"] == store["used"] + store["unused"] == 8 and "AF-O84043-F1:A" in store["unused_ids"]
+
+
+def _id_map():
+    from sepit.data.readers import load_id_map
+
+    return load_id_map(DATA_DIR / "derived" / "proteins.jsonl.gz")
+
+
+def test_rows_follow_the_contract(built):
+    out, card, rows = built
+    table = pq.read_table(out / "stage2" / "train.parquet")
+    assert table.schema.equals(INSTRUCTION_SCHEMA)
+    for stage in (0, 1, 2):
+        assert card["examples"][f"stage{stage}"]["total"] == sum(r["stage"] == stage for r in rows) > 0
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    for r in rows:
+        assert r["question"].count("<protein>") == 1, r["id"]
+        assert r["task"] in ("caption", "open", "yes_no", "multiple_choice") and r["answer"].strip()
+        if r["stage"] == 0:
+            assert r["task"] == "caption" and r["question"] == "Describe the function of <protein>."
+        if r["has_structure"]:
+            n = len(r["sequence"])
+            assert len(r["coords"]) == 3 * n and len(r["coord_mask"]) == n and any(r["coord_mask"])
+        else:
+            assert r["coords"] is None and r["coord_mask"] is None
+        assert len(r["sequence"]) <= 1022
+
+
+def test_yes_no_balanced_and_multiple_choice_letters_valid(built):
+    _out, _card, rows = built
+    per_group: dict = defaultdict(Counter)
+    for r in rows:
+        if r["task"] == "yes_no" and r["source"] in QA_SOURCES_FROM_FILES:
+            per_group[(r["protein_id"], r["category"])][r["answer"]] += 1
+    assert len(per_group) > 100
+    assert all(c["Yes"] == c["No"] for c in per_group.values())
+    mc = [r for r in rows if r["task"] == "multiple_choice"]
+    assert len(mc) > 50
+    for r in mc:
+        idx = ord(r["answer_letter"]) - ord("A")
+        assert 0 <= idx < len(r["choices"]) and r["answer"] == f"{r['answer_letter']}) {r['choices'][idx]}"
+        assert f"\n{r['answer_letter']}) {r['choices'][idx]}\n" in r["question"]
+        assert len(set(r["choices"])) == len(r["choices"])
+    imported = [r for r in mc if r["source"] == "deeploc_lightattention"]
+    assert len(imported) == 3  # the QA set's own multiple-choice records, kept with their options
+
+
+def test_no_protein_in_two_splits_and_no_cross_split_leak(built):
+    _out, card, rows = built
+    splits: dict = defaultdict(set)
+    for r in rows:
+        splits[r["protein_id"]].add(r["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    assert max(card["splits"]["max_cross_split_identity"].values()) < card["splits"]["threshold"] == 0.4
+
+
+def test_structures_joined_from_the_store(built):
+    out, card, rows = built
+    store = {r.id: r for r in ProteinStore(out.parent / "store").records()}
+    with_structure = {r["protein_id"]: r for r in rows if r["has_structure"]}
+    assert set(with_structure) == {"O84033", "O84042", "O84102", "O84130", "O84544", "O84835"}
+    row = with_structure["O84033"]
+    rec = store[row["store_id"]]
+    assert rec.sequence == row["sequence"]  # AFDB model = full UniProt sequence: coordinates as they are
+    np.testing.assert_array_equal(np.asarray(row["coords"], np.float32).reshape(-1, 3), rec.coords)
+    assert card["proteins"]["with_structure"] == 6
+    sequence_only = [r for r in rows if not r["has_structure"]]
+    assert sequence_only and all(r["store_id"] is None for r in sequence_only)
+
+
+def test_refuses_to_overwrite_a_foreign_folder_and_rejects_bad_config(tmp_path):
+    (tmp_path / "keep.txt").write_text("not a dataset")
+    files = [f for f in default_annotation_files() if "P60904" in f]
+    with pytest.raises(BuildError, match="not empty and holds no previous build"):
+        build_dataset(BuildConfig(annotations=files, out=str(tmp_path), executor="local"))
+    assert (tmp_path / "keep.txt").exists()
+    with pytest.raises(ConfigError, match="split_ratios"):
+        BuildConfig(split_ratios=[0.5, 0.5, 0.5])
+    with pytest.raises(ConfigError, match="long_sequences"):
+        BuildConfig(long_sequences="drop")
+
+
+def test_cli_builds_from_a_store_and_reports_errors(tmp_path, capsys):
+    store = write_small_store(tmp_path / "store")
+    swiss = [f for f in default_annotation_files() if "swissprot" in f]
+    out = tmp_path / "ds"
+    rc = sepit_main(["build-dataset", "--proteins", str(store), "--annotations", *swiss,
+                     "--out", str(out), "--seed", "3", "executor=local", "mc_choices=3"])
+    assert rc == 0 and (out / "card.md").is_file() and (out / "lengths.png").stat().st_size > 1000
+    card = json.loads((out / "card.json").read_text())
+    assert card["config"]["seed"] == 3 and card["inputs"]["records"] == 24
+    mc = [r for r in all_rows(out) if r["task"] == "multiple_choice"]
+    assert mc and all(len(r["choices"]) == 3 for r in mc)
+    assert "inputs: 24 records" in capsys.readouterr().out
+    rc = sepit_main(["build-dataset", "--proteins", str(tmp_path / "nostore"), "--annotations", *swiss,
+                     "--out", str(tmp_path / "ds2")])
+    assert rc == 2 and "is not a protein store" in capsys.readouterr().err
