@@ -8,8 +8,10 @@ allocation and free made by the CPU allocator during one call; the peak of their
 the largest amount of tensor memory the call had alive on top of what existed before it (its
 inputs and the module's weights are excluded, outputs are included).  It is the CPU analogue of
 ``torch.cuda.max_memory_allocated`` deltas; process RSS is not used (allocator caching and
-import spikes make it noisy).  Time is the median wall time of ``--repeats`` unprofiled calls
-after one warm-up, with ``--threads`` intra-op threads.
+import spikes make it noisy).  Time is the median of ``--repeats`` unprofiled calls after one
+warm-up, as wall seconds and as process CPU seconds, with ``--threads`` intra-op threads; on a
+shared, loaded machine use ``--threads 1`` and read the CPU seconds (idle threads spin-waiting
+for a core inflate both figures when threads > free cores).
 
 Coordinates are real: Cα traces of the bundled structures (longest first: the 796-residue
 P04629 model, then AlphaFold DB chains) laid side by side 60 Å apart until L residues, as in a
@@ -79,14 +81,16 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall seconds, process CPU seconds) of ``repeats`` calls after one warm-up."""
     fn()  # warm-up (lazy init, allocator)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def bench_structure_bias(lengths: list[int], chunk: int, repeats: int) -> list[dict]:
@@ -115,10 +119,12 @@ def bench_structure_bias(lengths: list[int], chunk: int, repeats: int) -> list[d
             if reference is None:
                 reference = out
             diff = (out.attn_bias - reference.attn_bias).abs().max().item()
+            fwd_wall, fwd_cpu = timed(infer, repeats)
+            train_wall, train_cpu = timed(train, repeats)
             row = {
                 "L": L, "variant": name, "max_abs_diff_vs_naive": diff,
-                "forward_s": timed(infer, repeats), "forward_peak_mb": peak_bytes(infer) / 2**20,
-                "train_s": timed(train, repeats), "train_peak_mb": peak_bytes(train) / 2**20,
+                "forward_s": fwd_wall, "forward_cpu_s": fwd_cpu, "forward_peak_mb": peak_bytes(infer) / 2**20,
+                "train_s": train_wall, "train_cpu_s": train_cpu, "train_peak_mb": peak_bytes(train) / 2**20,
             }
             if graph != "dense":
                 row["edges"] = int(sb.residue_graph(coords, mask).shape[1])
@@ -126,7 +132,7 @@ def bench_structure_bias(lengths: list[int], chunk: int, repeats: int) -> list[d
             print(json.dumps(row), flush=True)
     for row in rows:  # ratios against the naive formula at the same length
         base = next(r for r in rows if r["L"] == row["L"] and r["variant"] == "naive")
-        for key in ("forward_s", "forward_peak_mb", "train_s", "train_peak_mb"):
+        for key in ("forward_s", "forward_cpu_s", "forward_peak_mb", "train_s", "train_cpu_s", "train_peak_mb"):
             row[key + "_vs_naive"] = row[key] / base[key]
     return rows
 
@@ -153,30 +159,34 @@ def bench_encoder(preset: str, lengths: list[int], batch: int, repeats: int) -> 
                     else:
                         enc(b.tokens)
 
-            t = timed(run, repeats)
-            base = base or t
-            row = {"preset": preset, "L": L, "batch": batch, "variant": name, "forward_s": t,
-                   "residues_per_s": batch * L / t, "time_vs_sequence_only": t / base}
+            t, cpu = timed(run, repeats)
+            base = base or cpu
+            row = {"preset": preset, "L": L, "batch": batch, "variant": name, "forward_s": t, "forward_cpu_s": cpu,
+                   "residues_per_s": batch * L / t, "residues_per_cpu_s": batch * L / cpu,
+                   "cpu_vs_sequence_only": cpu / base}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
 def markdown(bias_rows: list[dict], enc_rows: list[dict]) -> str:
-    lines = ["| L | variant | fwd time (s) | fwd peak (MB) | train time (s) | train peak (MB) | "
-             "fwd mem vs naive | train mem vs naive | edges | max |Δ| vs naive |",
+    lines = ["| L | variant | fwd wall / CPU (s) | fwd peak (MB) | train wall / CPU (s) | train peak (MB) | "
+             "fwd CPU, mem vs naive | train CPU, mem vs naive | edges | max abs diff vs naive |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in bias_rows:
         lines.append(
-            f"| {r['L']} | {r['variant']} | {r['forward_s']:.3f} | {r['forward_peak_mb']:.0f} | {r['train_s']:.3f} | "
-            f"{r['train_peak_mb']:.0f} | {r['forward_peak_mb_vs_naive']:.3f} | {r['train_peak_mb_vs_naive']:.3f} | "
+            f"| {r['L']} | {r['variant']} | {r['forward_s']:.3f} / {r['forward_cpu_s']:.3f} | {r['forward_peak_mb']:.0f} | "
+            f"{r['train_s']:.3f} / {r['train_cpu_s']:.3f} | {r['train_peak_mb']:.0f} | "
+            f"{r['forward_cpu_s_vs_naive']:.2f}, {r['forward_peak_mb_vs_naive']:.3f} | "
+            f"{r['train_cpu_s_vs_naive']:.2f}, {r['train_peak_mb_vs_naive']:.3f} | "
             f"{r.get('edges', '')} | {r['max_abs_diff_vs_naive']:.1e} |"
         )
-    lines += ["", "| preset | L | batch | variant | forward (s) | residues/s | time vs sequence-only |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| preset | L | batch | variant | forward wall / CPU (s) | residues/s (wall) | residues/CPU-s | "
+              "CPU vs sequence-only |", "|---|---|---|---|---|---|---|---|"]
     for r in enc_rows:
-        lines.append(f"| {r['preset']} | {r['L']} | {r['batch']} | {r['variant']} | {r['forward_s']:.3f} | "
-                     f"{r['residues_per_s']:.0f} | {r['time_vs_sequence_only']:.2f} |")
+        lines.append(f"| {r['preset']} | {r['L']} | {r['batch']} | {r['variant']} | {r['forward_s']:.3f} / "
+                     f"{r['forward_cpu_s']:.3f} | {r['residues_per_s']:.0f} | {r['residues_per_cpu_s']:.0f} | "
+                     f"{r['cpu_vs_sequence_only']:.2f} |")
     return "\n".join(lines)
 
 

@@ -161,3 +161,37 @@ def test_bad_inputs_and_config_raise_clear_errors(real_ca):
         StructureBiasConfig(num_heads=2, embed_dim=8, graph="voronoi")
     with pytest.raises(ConfigError, match="chunk_size"):
         StructureBiasConfig(num_heads=2, embed_dim=8, chunk_size=0)
+
+
+def _peak_tensor_bytes(fn) -> int:
+    """Peak live tensor bytes allocated during fn(), from the profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+def test_chunking_bounds_training_memory(real_ca):
+    # L = 112, K = 32, chunk 8: the naive form holds several [L, L, K] tensors for backward;
+    # checkpointed chunks hold O(chunk · L · K) plus the [H, L, L] output.
+    torch.manual_seed(0)
+    sb = StructureBias(StructureBiasConfig(num_heads=4, embed_dim=24, num_rbf=32, chunk_size=8))
+    coords, mask = make_batch(real_ca, [112], missing_every=1000)
+
+    def train(fn):
+        def step():
+            out = fn(coords, mask)
+            (out.attn_bias.square().mean() + out.edge_embedding.square().mean()).backward()
+            sb.zero_grad(set_to_none=True)
+        return step
+
+    naive, chunked = _peak_tensor_bytes(train(sb.naive)), _peak_tensor_bytes(train(sb))
+    one_phi = 112 * 112 * 32 * 4
+    assert naive > 3 * one_phi
+    assert chunked < 0.3 * naive, (chunked, naive)

@@ -16,7 +16,7 @@ import argparse
 import pickle
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -112,7 +112,6 @@ class EncoderOutput:
     """num_layers + 1 tensors [B, L, D]: embeddings, then each layer (the last one normed)."""
     structure_bias: Optional[torch.Tensor] = None
     """[B, H, L, L] shared structure bias when coordinates were used and it was requested."""
-    extras: dict = field(default_factory=dict)
 
 
 class StructureAwareLayer(TransformerLayer):
