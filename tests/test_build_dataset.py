@@ -139,6 +139,14 @@ def test_cli_builds_from_a_store_and_reports_errors(tmp_path, capsys):
     mc = [r for r in all_rows(out) if r["task"] == "multiple_choice"]
     assert mc and all(len(r["choices"]) == 3 for r in mc)
     assert "inputs: 24 records" in capsys.readouterr().out
+    # a rebuild replaces the previous build; a broken input file is reported, not fatal
+    broken = tmp_path / "broken.txt"
+    broken.write_text("ID   BROKEN_HUMAN   Reviewed;   5 AA.\nSQ   SEQUENCE   5 AA;\n     MKV\n//\n")
+    rc = sepit_main(["build-dataset", "--annotations", *swiss, str(broken), "--out", str(out), "executor=local"])
+    card = json.loads((out / "card.json").read_text())
+    assert rc == 0 and card["config"]["seed"] == 0 and card["inputs"]["records"] == 25
+    bad = [r for r in pq.read_table(out / "skipped.parquet").to_pylist() if r["source_file"] == str(broken)]
+    assert len(bad) == 1 and bad[0]["stage"] == "read" and "has no AC line" in bad[0]["reason"]
     rc = sepit_main(["build-dataset", "--proteins", str(tmp_path / "nostore"), "--annotations", *swiss,
                      "--out", str(tmp_path / "ds2")])
     assert rc == 2 and "is not a protein store" in capsys.readouterr().err

@@ -19,10 +19,10 @@ The identity alignments run on Ray Data (``executor=ray``, or ``auto`` with at l
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import shutil
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -61,7 +61,7 @@ class BuildConfig:
     id_maps: Optional[list[str]] = None
     """Files mapping table ids (STRING) to accessions/sequences; None = the bundled map, [] = none."""
     out: str = "outputs/dataset"
-    """Output folder; replaced when it holds a previous build (card.json), refused otherwise if non-empty."""
+    """Output folder; replaced (atomically) when it holds a previous build (card.json), refused if other files."""
     seed: int = 0
     identity_threshold: float = 0.4
     """Proteins at or above this identity (identical residues / shorter length) share a split."""
@@ -82,11 +82,15 @@ class BuildConfig:
     min_structure_identity: float = 0.9
     """A store structure is mapped onto an annotation sequence only at or above this identity."""
     prefilter_k: int = 3
+    """k-mer length of the identity prefilter."""
     prefilter_top_m: int = 10
+    """Each protein's most k-mer-similar partners that get aligned."""
     prefilter_min_cosine: float = 0.3
+    """Pairs at or above this k-mer cosine similarity are aligned whatever their rank."""
     executor: str = "auto"
     """auto | local | ray: where the identity alignments run."""
     ray_min_proteins: int = 2000
+    """With executor=auto, Ray Data aligns when there are at least this many proteins."""
 
     def __post_init__(self) -> None:
         check_range(self.identity_threshold, "identity_threshold", 0.0, 1.0, lo_inclusive=False)
@@ -108,12 +112,20 @@ class BuildConfig:
         check_range(self.prefilter_min_cosine, "prefilter_min_cosine", 0.0, 1.0, lo_inclusive=False)
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / "card.json").is_file():
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "card.json").is_file())):
         raise BuildError(f"output folder {out} is not empty and holds no previous build (card.json); refusing to overwrite")
+
+
+def _replace_out(tmp: Path, out: Path) -> None:
+    """Swap the finished build in, so a crash never leaves a half-written dataset at ``out``."""
     if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
 
 
 def _generate(records, index: StoreIndex, cfg: BuildConfig, ledger: InputLedger) -> list[Example]:
@@ -194,6 +206,7 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     """Build the dataset described by ``config``; returns the card (also written as card.json)."""
     t0 = time.time()
     out = Path(config.out)
+    _check_out(out)
     annotation_args = list(config.annotations) or default_annotation_files()
     id_maps = default_id_maps() if config.id_maps is None else list(config.id_maps)
     ledger = InputLedger()
@@ -201,8 +214,9 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     index = StoreIndex.from_store(config.proteins) if config.proteins else StoreIndex([])
     examples, proteins = _unify(_generate(records, index, config, ledger), ledger)
     if not examples:
+        reasons = sorted({r["reason"] for r in ledger.skipped_rows()})[:5]
         raise BuildError(f"no instruction records could be made from {len(ledger.seen)} input records; "
-                         "see the reasons with --dry-run or in skipped.parquet")
+                         f"reasons include: {reasons}")
     keys = sorted(proteins)
     use_ray = config.executor == "ray" or (config.executor == "auto" and len(keys) >= config.ray_min_proteins)
     prefilter = PrefilterParams(k=config.prefilter_k, top_m=config.prefilter_top_m, min_cosine=config.prefilter_min_cosine)
@@ -218,20 +232,25 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     if n_in != n_used + len(skipped):
         raise BuildError(f"counts do not reconcile: {n_in} input records != {n_used} used + {len(skipped)} skipped")
 
-    _prepare_out(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     for stage in STAGES:
-        (out / f"stage{stage}").mkdir()
+        (tmp / f"stage{stage}").mkdir()
         for split in SPLITS:
             rows = sorted(tables.get((stage, split), []), key=lambda r: r["id"])
-            pq.write_table(pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA), stage_split_path(out, stage, split))
-    pq.write_table(pa.Table.from_pylist(skipped, schema=SKIPPED_SCHEMA), out / "skipped.parquet")
+            pq.write_table(pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA), stage_split_path(tmp, stage, split))
+    pq.write_table(pa.Table.from_pylist(skipped, schema=SKIPPED_SCHEMA), tmp / "skipped.parquet")
     store_ids_used = {p.store_id for p in proteins.values() if p.store_id}
-    return write_card(
-        out, tables=tables, proteins=proteins, split_of=split_of, report=report, ledger=ledger,
+    card = write_card(
+        tmp, tables=tables, proteins=proteins, split_of=split_of, report=report, ledger=ledger,
         skipped=skipped, store_records=[r.id for r in index.records], store_ids_used=store_ids_used,
         config=to_dict(config) | {"annotations": annotation_args, "id_maps": id_maps, "executor_used": "ray" if use_ray else "local"},
         elapsed_s=time.time() - t0,
     )
+    _replace_out(tmp, out)
+    return card
 
 
 # --------------------------------------------------------------------------- command line

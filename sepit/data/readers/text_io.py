@@ -31,9 +31,20 @@ def read_text(path: str | Path) -> str:
 
 
 def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """``(1-based line number, line without its newline)`` for every line of the file."""
-    for i, line in enumerate(read_text(path).splitlines(), start=1):
-        yield i, line
+    """``(1-based line number, line without its newline)`` for every line, streamed (large files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationFormatError(str(path), None, "file does not exist")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    no = 0
+    try:
+        with opener(path, "rt", encoding="utf-8", newline=None) as fh:
+            for no, line in enumerate(fh, start=1):
+                yield no, line.rstrip("\r\n")
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise AnnotationFormatError(str(path), None, f"cannot decompress: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise AnnotationFormatError(str(path), no + 1, f"not UTF-8 text ({exc.reason})") from None
 
 
 def report(errors: Optional[list], error: AnnotationFormatError) -> None:
