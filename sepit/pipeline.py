@@ -1,0 +1,279 @@
+"""``sepit pipeline``: the whole platform in one job, on the embedded default or a cluster.
+
+    preprocess -> build dataset -> stage 0 -> stage 1 -> stage 2 -> evaluate
+
+Each step is the same Python function its own ``sepit``/``jobs/`` entry point calls; the
+pipeline only decides paths (everything under ``--out``), wires each step's output into the
+next, validates every step's config *before* anything runs, and nests every step's MLflow run
+under one pipeline run.  Presets (``sepit/config/presets/{tiny,small,paper}.yaml``) hold one
+section per step; a YAML file and dotted overrides (``stage2.moe.num_experts=8``) go on top.
+Re-running with the same ``--out`` resumes: finished steps are skipped (their outputs carry a
+``.done`` marker), training stages resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sepit.config.base import (
+    ConfigError,
+    check_choice,
+    from_dict,
+    load_yaml,
+    merge,
+    parse_overrides,
+    save_yaml,
+    to_dict,
+)
+
+PRESET_DIR = Path(__file__).resolve().parent / "config" / "presets"
+PRESETS = ("tiny", "small", "paper")
+STEPS = ("preprocess", "dataset", "stage0", "stage1", "stage2", "evaluate")
+
+# step -> (module, config class, run function)
+_STEP_IMPL = {
+    "preprocess": ("sepit.data.preprocess", "PreprocessConfig", "run_preprocess"),
+    "dataset": ("sepit.data.build", "BuildConfig", "build_dataset"),
+    "stage0": ("sepit.train.stage0", "Stage0JobConfig", "run_stage0"),
+    "stage1": ("sepit.train.stage1", "Stage1JobConfig", "run_stage1"),
+    "stage2": ("sepit.train.stage2", "Stage2JobConfig", "run_stage2"),
+    "evaluate": ("sepit.evaluation.run", "EvaluateConfig", "evaluate"),
+}
+
+
+@dataclass
+class PipelineConfig:
+    preset: str = "small"
+    """Which preset this config started from (recorded in MLflow)."""
+    out: str = "runs/pipeline"
+    """Output folder: store/, dataset/, stage0/, stage1/, stage2/, eval/, mlflow.db."""
+    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    """Steps to run, in pipeline order; a skipped step's output must already exist under out."""
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite at <out>/mlflow.db."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join; default RAY_ADDRESS or a local Ray on loopback."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs of a local Ray (more than the cores keeps data + training from starving)."""
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    """PreprocessConfig fields (out is set by the pipeline)."""
+    dataset: dict[str, Any] = field(default_factory=dict)
+    """BuildConfig fields (proteins and out are set by the pipeline)."""
+    stage0: dict[str, Any] = field(default_factory=dict)
+    """Stage0Config fields (data and output folder are set by the pipeline)."""
+    stage1: dict[str, Any] = field(default_factory=dict)
+    """Stage1Config fields (data, init from stage 0 and output folder are set by the pipeline)."""
+    stage2: dict[str, Any] = field(default_factory=dict)
+    """Stage2Config fields (data, init from stage 1 and output folder are set by the pipeline)."""
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    """EvaluateConfig fields (model, data, compare_model and out are set by the pipeline)."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.preset, "preset", PRESETS)
+        for s in self.steps:
+            check_choice(s, "steps[]", STEPS)
+        if not self.out:
+            raise ConfigError("out: an output folder is required")
+
+
+def load_pipeline_config(preset: str = "small", path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    check_choice(preset, "--preset", PRESETS)
+    data = load_yaml(PRESET_DIR / f"{preset}.yaml")
+    data["preset"] = preset
+    if path:
+        data = merge(data, load_yaml(path))
+    data = merge(data, parse_overrides(overrides))
+    return from_dict(PipelineConfig, data)
+
+
+# --------------------------------------------------------------------------- wiring
+def _paths(out: Path) -> dict[str, Path]:
+    return {
+        "store": out / "store",
+        "dataset": out / "dataset",
+        "stage0": out / "stage0",
+        "stage1": out / "stage1",
+        "stage2": out / "stage2",
+        "eval": out / "eval",
+    }
+
+
+def _stage_preset(step: str, preset: str) -> dict[str, Any]:
+    """The training stages' own preset (model sizes, steps, lrs) under the pipeline's YAML."""
+    if step not in ("stage0", "stage1", "stage2"):
+        return {}
+    mod = importlib.import_module(f"sepit.train.{step}")
+    return getattr(mod, f"{step}_preset")(preset)
+
+
+def step_sections(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Each step's config dict: stage preset <- pipeline YAML section <- the pipeline's wiring."""
+    out = Path(cfg.out).resolve()
+    p = _paths(out)
+
+    def train(step: str) -> dict[str, Any]:
+        t = {"output_dir": str(p[step]), "run_name": step, "ray_address": cfg.ray_address}
+        if cfg.tracking_uri:
+            t["tracking_uri"] = cfg.tracking_uri
+        return t
+
+    wiring = {
+        "preprocess": {"out": str(p["store"]), "ray_address": cfg.ray_address},
+        "dataset": {"proteins": str(p["store"]), "out": str(p["dataset"])},
+        "stage0": {"data": {"dataset_dir": str(p["dataset"])}, "train": train("stage0")},
+        "stage1": {"data": {"dataset_dir": str(p["dataset"])}, "train": train("stage1")},
+        "stage2": {"data": {"dataset_dir": str(p["dataset"])}, "train": train("stage2"),
+                   "init": str(p["stage1"] / "model")},
+        "evaluate": {"model": str(p["stage2"] / "model"), "data": str(p["dataset"]),
+                     "compare_model": str(p["stage1"] / "model"), "out": str(p["eval"])},
+    }
+    # Stage 1 starts from stage 0's encoder when the pipeline runs (or ran) stage 0.
+    if "stage0" in cfg.steps or (p["stage0"] / "model").exists():
+        wiring["stage1"]["init"] = str(p["stage0"] / "model")
+    if cfg.tracking_uri:
+        wiring["evaluate"]["tracking_uri"] = cfg.tracking_uri
+    sections = {}
+    for step in STEPS:
+        user = getattr(cfg, step)
+        sections[step] = merge(merge(_stage_preset(step, cfg.preset), user), wiring[step])
+    return sections
+
+
+def _impl(step: str) -> tuple[type, Callable[..., Any]]:
+    mod_name, cls_name, fn_name = _STEP_IMPL[step]
+    mod = importlib.import_module(mod_name)
+    return getattr(mod, cls_name), getattr(mod, fn_name)
+
+
+def validate(cfg: PipelineConfig) -> dict[str, Any]:
+    """Type-check every selected step's config now, so a typo fails before hours of training."""
+    typed = {}
+    for step, section in step_sections(cfg).items():
+        if step not in cfg.steps:
+            continue
+        cls, _ = _impl(step)
+        try:
+            typed[step] = from_dict(cls, section)
+        except ConfigError as exc:
+            raise ConfigError(f"{step}.{exc}") from None
+    return typed
+
+
+def _call(step: str, fn: Callable[..., Any], step_cfg: Any, parent_run_id: str | None) -> Any:
+    if step in ("stage0", "stage1", "stage2", "evaluate"):
+        return fn(step_cfg, parent_run_id=parent_run_id)
+    return fn(step_cfg)
+
+
+def _summary_line(step: str, result: Any) -> str:
+    if not isinstance(result, dict):
+        return ""
+    if step == "preprocess":
+        return f"{result.get('n_records')} protein records from {result.get('n_input_files')} files, {result.get('n_rejected')} rejected (see store/rejects.parquet)"
+    if step in ("stage0", "stage1", "stage2"):
+        m = result.get("metrics", {})
+        shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, (int, float)) and ("loss" in k or "acc" in k)}
+        return f"model -> {result.get('model_dir')}  {shown}"
+    return ""
+
+
+def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from sepit.ray_runtime import init_ray
+    from sepit.tracking import log_params, resolve_tracking_uri, start_run
+
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    typed = validate(cfg)
+    save_yaml(cfg, out / "pipeline.yaml")
+    init_ray(address=cfg.ray_address, num_cpus=cfg.num_cpus)
+    uri = resolve_tracking_uri(cfg.tracking_uri, out)
+    for step_cfg in typed.values():  # every step logs to the pipeline's store
+        tr = getattr(step_cfg, "train", None)
+        if tr is not None and tr.tracking_uri is None:
+            tr.tracking_uri = uri
+    if "evaluate" in typed and typed["evaluate"].tracking_uri is None:
+        typed["evaluate"].tracking_uri = uri
+    results: dict[str, Any] = {}
+    t_all = time.time()
+    with start_run(f"pipeline-{cfg.preset}", tracking_uri=uri, tags={"sepit.kind": "pipeline"}) as run:
+        log_params({"preset": cfg.preset, "steps": cfg.steps, "out": str(out)})
+        import mlflow
+
+        mlflow.log_dict(to_dict(cfg), "pipeline.yaml")
+        for i, step in enumerate(cfg.steps, 1):
+            _, fn = _impl(step)
+            done = out / f".{step}.done"
+            if done.exists() and step in ("preprocess", "dataset", "evaluate"):
+                log(f"[{i}/{len(cfg.steps)}] {step}: already done ({done}), skipping")
+                results[step] = json.loads(done.read_text())
+                continue
+            log(f"[{i}/{len(cfg.steps)}] {step} ...")
+            t0 = time.time()
+            result = _call(step, fn, typed[step], run.info.run_id)
+            dt = time.time() - t0
+            results[step] = result
+            mlflow.log_metric(f"pipeline.{step}_seconds", dt)
+            done.write_text(json.dumps(result, default=str))
+            log(f"[{i}/{len(cfg.steps)}] {step}: done in {dt:.0f} s {_summary_line(step, result)}")
+        mlflow.log_metric("pipeline.total_seconds", time.time() - t_all)
+        results["mlflow_run_id"] = run.info.run_id
+    results["tracking_uri"] = uri
+    results["out"] = str(out)
+    return results
+
+
+def _final_report(cfg: PipelineConfig, results: dict[str, Any]) -> str:
+    out = Path(results["out"])
+    p = _paths(out)
+    lines = ["", "sepit pipeline finished", f"  outputs          {out}"]
+    if "stage2" in results:
+        lines.append(f"  model (stage 2)  {p['stage2'] / 'model'}")
+    if "evaluate" in results:
+        lines.append(f"  results          {p['eval'] / 'report.md'}  and  {p['eval'] / 'metrics.json'}")
+        closed = _closed_set_lines(results["evaluate"])
+        lines.extend(closed)
+    lines.append(f"  MLflow store     {results['tracking_uri']}  (run {results['mlflow_run_id']})")
+    lines.append(f"  browse with      mlflow ui --backend-store-uri {results['tracking_uri']}")
+    lines.append(f"  serve with       sepit serve --model {p['stage2'] / 'model'}")
+    return "\n".join(lines)
+
+
+def _closed_set_lines(ev: Any) -> list[str]:
+    """Closed-set accuracy of the model vs the majority-class baseline, if the evaluation has them."""
+    if not isinstance(ev, dict):
+        return []
+    summary = ev.get("summary") or {}
+    out = []
+    for k, v in summary.items():
+        out.append(f"  {k:<16} {v}")
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="small", choices=PRESETS, help="tiny (tests), small (CPU demo), paper (GPUs)")
+    parser.add_argument("--config", help="YAML file with PipelineConfig fields, merged over the preset")
+    parser.add_argument("--out", help="output folder (default runs/pipeline-<preset>)")
+    parser.add_argument("--steps", help="comma-separated subset of " + ",".join(STEPS))
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stage2.train.max_steps=50")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    overrides.append(f"out={args.out or f'runs/pipeline-{args.preset}'}")
+    if args.steps:
+        overrides.append(f"steps=[{args.steps}]")
+    try:
+        cfg = load_pipeline_config(args.preset, args.config, overrides)
+        results = run_pipeline(cfg)
+    except ConfigError as exc:
+        print(f"sepit pipeline: invalid configuration: {exc}")
+        return 2
+    print(_final_report(cfg, results))
+    return 0
