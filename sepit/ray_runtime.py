@@ -20,6 +20,8 @@ _LOCAL_ENV = {
 def set_local_defaults() -> None:
     """Set loopback/offline environment defaults; never overrides what the user set."""
     for k, v in _LOCAL_ENV.items():
+        if k == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" and os.environ.get("RAY_ADDRESS"):
+            continue  # joining a cluster: its nodes must see our real address
         if v:
             os.environ.setdefault(k, v)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,15 +41,28 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     ``num_cpus`` sets the *logical* CPU count of a local Ray; it may exceed the physical cores so
     that a data pipeline and training workers do not starve each other (see ENVIRONMENT notes).
     """
+    global _OWN_ADDRESS
     set_local_defaults()
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
+    if _OWN_ADDRESS and os.environ.get("RAY_ADDRESS") == _OWN_ADDRESS:
+        # The local Ray we started earlier in this process is gone (ray.shutdown()).
+        del os.environ["RAY_ADDRESS"]
+        _OWN_ADDRESS = None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         return ray.init(address=address, **kwargs)
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("object_store_memory", 256 * 1024 * 1024)
     kwargs.setdefault("log_to_driver", True)
-    return ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+    ctx = ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+    # Processes Ray libraries spawn without an address (e.g. Ray Train's placement-group cleaner)
+    # would otherwise refuse to pick among several local Ray instances on one machine.
+    _OWN_ADDRESS = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = _OWN_ADDRESS
+    return ctx
+
+
+_OWN_ADDRESS: str | None = None
