@@ -74,6 +74,8 @@ class TrainConfig:
     # ------------------------------------------------------------------ evaluation/checkpoints
     eval_every: int = 50
     """Validate every N optimizer steps (and at the end); 0 = only at the end."""
+    eval_at_start: bool = False
+    """Also validate the untrained model (logged at step 0) so the curve shows where it started."""
     eval_max_batches: int = 0
     """Cap on validation micro-batches per worker (0 = the whole validation shard)."""
     checkpoint_every: int = 50

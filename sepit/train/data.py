@@ -52,7 +52,8 @@ def load_split(dataset_dir: str | Path, stage: str, split: str, columns: list[st
     import ray.data
 
     path = split_path(dataset_dir, stage, split)
-    return ray.data.read_parquet(str(path), columns=columns)
+    ds = ray.data.read_parquet(str(path))
+    return ds.select_columns(columns) if columns else ds
 
 
 def count_rows(dataset_dir: str | Path, stage: str, split: str) -> int:

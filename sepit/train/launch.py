@@ -62,9 +62,10 @@ def ensure_ray(cfg: TrainConfig) -> None:
     A local Ray gets at least ``workers * cpus_per_worker + 2`` logical CPUs so the Ray Data
     feeding tasks never starve behind the training workers (they deadlock otherwise).
     """
-    import ray
+    from sepit.ray_runtime import init_ray, set_local_defaults
 
-    from sepit.ray_runtime import init_ray
+    set_local_defaults()  # before Ray is imported: it reads the loopback switch at import time
+    import ray
 
     if ray.is_initialized():
         return

@@ -104,6 +104,8 @@ def dataset_fingerprint(dataset_dir: str | Path, stage: str) -> dict[str, Any]:
             data = {}
         for key, value in data.items() if isinstance(data, dict) else ():
             if "manifest" in key or "checksum" in key or key in ("store", "store_path"):
+                if isinstance(value, dict):  # keep the summary, not long id lists
+                    value = {k: v for k, v in value.items() if not isinstance(v, (list, dict)) or len(v) <= 20}
                 out[f"card.{key}"] = value
     return out
 

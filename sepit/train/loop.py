@@ -70,6 +70,28 @@ def _check_groups(model: torch.nn.Module, groups: list[dict[str, Any]]) -> None:
         raise TrainGroupError(f"trainable parameters in no optimizer group: {missing[:5]} ...")
 
 
+def promote_scalar_parameters(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """Reshape 0-dim parameters (e.g. a CLIP logit scale) to shape [1], in place.
+
+    DeepSpeed 0.19's initial parameter broadcast views every parameter as bytes, which fails on
+    0-dim tensors; a [1] tensor broadcasts against the same operands, so the model's maths is
+    unchanged.  Returns what was changed so :func:`restore_scalar_parameters` can undo it for export.
+    """
+    changed = []
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                setattr(module, name, torch.nn.Parameter(p.data.reshape(1), requires_grad=p.requires_grad))
+                changed.append((module, name))
+    return changed
+
+
+def restore_scalar_parameters(changed: list[tuple[torch.nn.Module, str]]) -> None:
+    for module, name in changed:
+        p = getattr(module, name)
+        setattr(module, name, torch.nn.Parameter(p.data.reshape(()), requires_grad=p.requires_grad))
+
+
 def _write_worker_marker(cfg: TrainConfig, rank: int, resumed_step: int | None) -> None:
     """``<output_dir>/workers/rank{r}.json``: which process is this rank now (ops, kill tests)."""
     d = cfg.out_path / "workers"
@@ -105,6 +127,7 @@ def _build_engine(task: TrainTask, cfg: TrainConfig, precision: str):
     import deepspeed
 
     model = task.build_model()
+    scalars = promote_scalar_parameters(model)
     groups = task.param_groups(model, cfg.lr)
     _check_groups(model, groups)
     if task.uses_moe:
@@ -122,7 +145,7 @@ def _build_engine(task: TrainTask, cfg: TrainConfig, precision: str):
                                       weight_decay=cfg.weight_decay)
         engine, optimizer, _, sched = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine, optimizer, sched
+    return engine, optimizer, sched, scalars
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -155,7 +178,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     seed_all(cfg.seed)  # identical initial weights on every rank
-    engine, optimizer, scheduler = _build_engine(task, cfg, precision)
+    engine, optimizer, scheduler, scalars = _build_engine(task, cfg, precision)
 
     state = TrainerState(world_size=world, zero_stage=cfg.zero_stage)
     exported_already = False
@@ -196,6 +219,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         try:
             save_checkpoint(engine, tmp, state, rank)
             if final:
+                if cfg.zero_stage < 3:  # ZeRO-3 params are partitioned placeholders; leave them
+                    restore_scalar_parameters(scalars)  # the engine is not stepped again
                 _export(engine, task, tmp / EXPORT_SUBDIR, rank, cfg.zero_stage)
             if log is not None:
                 log.flush()
@@ -212,6 +237,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             checkpoint({}, final=True, name=checkpoint_dir_name(state.step, "_export"))
         return
 
+    if cfg.eval_at_start and ckpt is None:
+        val = evaluate()
+        if log is not None and val:
+            log.log(0, val, kind="val")
     print_every = max(1, cfg.max_steps // 10)
     engine.train()
     while state.step < cfg.max_steps:

@@ -1,0 +1,19 @@
+"""Entry point for `ray job submit --working-dir . -- python jobs/stage1.py --config stage1.yaml ...`.
+
+Thin on purpose: everything is `sepit stage1` (sepit/train/stage1.py).  The repository root
+(the job's working directory) goes first on sys.path so the submitted code is the code that runs.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sepit.ray_runtime import set_local_defaults  # noqa: E402
+
+set_local_defaults()
+
+from sepit.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["stage1", *sys.argv[1:]]))

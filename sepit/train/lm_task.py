@@ -1,0 +1,120 @@
+"""The part of stages 1 and 2 they share: instruction rows -> SEPIT LM batches, the LM loss,
+and (stage 2) the per-expert token counts.
+
+A batch holds the chat-template prompt + answer token ids (right-padded with the dedicated
+``<pad>``; labels only on answer tokens and the closing eos, from
+:func:`sepit.data.prompts.encode_example`) and the proteins as an ESM batch; the model splices
+each protein's projected tokens at its ``<protein>``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from .stage0 import esm_alphabet, proteins_of
+from .task import TrainTask, unwrap
+
+IGNORE_INDEX = -100
+
+
+class ExampleError(ValueError):
+    """A dataset row cannot be turned into a training example; the message names the row."""
+
+
+@lru_cache(maxsize=4)
+def llm_tokenizer(path: str):
+    from sepit.models.tokenizer import load_llm_tokenizer
+
+    return load_llm_tokenizer(path)
+
+
+class InstructionTask(TrainTask):
+    """Stage 1/2 base: subclasses build the model, choose parameter groups and export."""
+
+    columns = ["id", "question", "answer", "sequence", "coords", "coord_mask"]
+
+    def __init__(self, *, tokenizer_path: str, alphabet: str, max_residues: int, max_answer_tokens: int):
+        self.tokenizer_path = tokenizer_path
+        self.alphabet = alphabet
+        self.max_residues = max_residues
+        self.max_answer_tokens = max_answer_tokens
+        self._expert_counts: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ data
+    def row_length(self, row) -> int:
+        # Residues plus a rough text-token count (~4 characters per BPE token).
+        return len(row["sequence"]) + (len(row["question"]) + len(row["answer"])) // 4
+
+    def encode(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
+        from sepit.data.prompts import PromptError, encode_example
+
+        try:
+            ex = encode_example(llm_tokenizer(self.tokenizer_path), row["question"], row["answer"])
+        except PromptError as exc:
+            raise ExampleError(f"dataset row {row.get('id')}: {exc}") from None
+        ids, labels = ex["input_ids"], ex["labels"]
+        prompt = sum(1 for x in labels if x == IGNORE_INDEX)
+        # Long answers are cut (such an example has no closing eos to learn); prompts never are:
+        # a multiple-choice question without its options would be a different question.
+        keep = prompt + self.max_answer_tokens
+        return ids[:keep], labels[:keep]
+
+    def collate(self, rows, *, train):
+        from sepit.models.protein_batch import collate_proteins
+
+        tok = llm_tokenizer(self.tokenizer_path)
+        encoded = [self.encode(r) for r in rows]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = tok.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, (ids, lab) in enumerate(encoded):
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            labels[b, : len(lab)] = torch.tensor(lab)
+            attention[b, : len(ids)] = 1
+        protein = collate_proteins(esm_alphabet(self.alphabet), proteins_of(rows),
+                                   max_residues=self.max_residues, truncate=True)
+        n_tok = int(attention.sum()) + int(protein.lengths.sum())
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "protein": protein,
+                "num_tokens": n_tok, "num_examples": len(rows)}
+
+    # ------------------------------------------------------------------ loss
+    def forward_loss(self, model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    protein=batch["protein"], labels=batch["labels"])
+        parts = {"lm_loss": float(out.lm_loss.detach())}
+        if out.aux_loss is not None:
+            parts["aux_loss"] = float(out.aux_loss.detach())
+            module = unwrap(model)
+            if module.training:  # routing statistics of training steps only
+                for layer, counts in module.moe_stats().items():
+                    c = torch.tensor(counts, dtype=torch.float64)
+                    self._expert_counts[layer] = self._expert_counts.get(layer, 0) + c
+        return out.loss, parts
+
+    def step_metrics(self, model) -> dict[str, float]:
+        """Tokens routed to each expert per MoE layer in this optimizer step, summed over ranks
+        (padding excluded, before capacity drops), and C's balance fractions."""
+        if not self._expert_counts:
+            return {}
+        import torch.distributed as dist
+
+        from sepit.models.moe import moe_metrics
+
+        layers = sorted(self._expert_counts)
+        flat = torch.cat([self._expert_counts[i] for i in layers])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = next(unwrap(model).parameters()).device
+            flat = flat.to(device)
+            dist.all_reduce(flat)
+            flat = flat.cpu()
+        self._expert_counts = {}
+        n = flat.numel() // len(layers)
+        counts = {layer: flat[j * n : (j + 1) * n].tolist() for j, layer in enumerate(layers)}
+        metrics = {f"moe/layer{layer}/expert{e}_tokens": float(c) for layer, cs in counts.items() for e, c in enumerate(cs)}
+        metrics.update(moe_metrics(counts))
+        return metrics

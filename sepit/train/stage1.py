@@ -1,0 +1,134 @@
+"""Stage 1: caption instruction tuning of protein encoder + projector + LLM (METHOD.md §3).
+
+    sepit stage1 --preset small --data outputs/dataset --init runs/stage0 --out runs/stage1
+    python jobs/stage1.py --config stage1.yaml --init <stage-0 MLflow run id>
+
+Builds :class:`~sepit.models.sepit_lm.SepitForConditionalGeneration` from the stage-0 encoder
+(``--init``: stage-0 output folder or MLflow run id; none = the encoder in ``model``) and the LLM
+config (sizes, or a local Hugging Face folder in ``model.llm.path``), and trains all three parts:
+projector at ``train.lr``, encoder and LLM at ``train.lr × 0.1`` (METHOD.md), structure dropout
+``model.structure_dropout`` (0.15).  Exports a self-contained model folder for stage 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from sepit.config.base import check_range, to_dict
+from sepit.models.sepit_lm import SepitConfig
+
+from .config import TrainConfig
+from .launch import run_training
+from .lineage import ParentRef, resolve_parent
+from .lm_task import InstructionTask
+from .stage_common import StageDataConfig, add_stage_arguments, check_model_folder, run_cli, train_preset
+
+ENCODER_MODEL_TYPE = "sepit_protein_encoder"
+
+
+@dataclass
+class Stage1JobConfig:
+    model: SepitConfig = field(default_factory=SepitConfig)
+    """Encoder / LLM / projector config; ``--init`` overrides ``model.encoder_path``."""
+    data: StageDataConfig = field(default_factory=StageDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(run_name="stage1", lr=1e-4))
+    init: Optional[str] = None
+    """Stage-0 output folder (or its ``model/``) or MLflow run id; None = encoder from ``model``."""
+    encoder_lr_ratio: float = 0.1
+    """Encoder lr = train.lr × this (METHOD.md: 0.1)."""
+    llm_lr_ratio: float = 0.1
+    """LLM lr = train.lr × this (METHOD.md: 0.1); the projector trains at train.lr."""
+    freeze_encoder: bool = False
+    """Freeze the protein encoder (METHOD.md trains it in stage 1)."""
+    max_answer_tokens: int = 384
+    """Answer LLM tokens kept per example (longer answers are cut; prompts are kept whole)."""
+
+    def __post_init__(self) -> None:
+        check_range(self.encoder_lr_ratio, "encoder_lr_ratio", lo=0)
+        check_range(self.llm_lr_ratio, "llm_lr_ratio", lo=0)
+        check_range(self.max_answer_tokens, "max_answer_tokens", lo=1)
+
+
+def stage1_preset(name: str) -> dict[str, Any]:
+    answer = {"tiny": 96, "small": 256, "paper": 1024}[name]
+    return {"model": to_dict(SepitConfig.preset(name)), "train": train_preset(name, 1), "max_answer_tokens": answer}
+
+
+def prepare_tokenizer(model_cfg: SepitConfig, out_dir: Path) -> str:
+    """The LLM tokenizer folder the workers load.
+
+    An explicit ``tokenizer_path`` or the LLM folder's tokenizer is used as is; otherwise a BPE is
+    trained once on the bundled text into ``<out>/tokenizer`` (kept on re-runs, so a resumed run
+    tokenises exactly as before).
+    """
+    if model_cfg.tokenizer_path:
+        return model_cfg.tokenizer_path
+    if model_cfg.llm.path:
+        return model_cfg.llm.path
+    folder = Path(out_dir) / "tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        from sepit.models.tokenizer import bundled_tokenizer_corpus, train_llm_tokenizer
+
+        train_llm_tokenizer(bundled_tokenizer_corpus(), vocab_size=model_cfg.llm.vocab_size, out_dir=folder,
+                            model_max_length=model_cfg.llm.max_position_embeddings)
+    return str(folder)
+
+
+class Stage1Task(InstructionTask):
+    stage = "stage1"
+
+    def __init__(self, cfg: Stage1JobConfig, tokenizer_path: str):
+        super().__init__(tokenizer_path=tokenizer_path, alphabet=cfg.model.encoder.alphabet,
+                         max_residues=cfg.train.max_residues, max_answer_tokens=cfg.max_answer_tokens)
+        self.model_cfg = copy.deepcopy(cfg.model)
+        self.model_cfg.tokenizer_path = tokenizer_path
+        self.encoder_lr_ratio, self.llm_lr_ratio = cfg.encoder_lr_ratio, cfg.llm_lr_ratio
+        self.freeze_encoder = cfg.freeze_encoder
+
+    def build_model(self):
+        from sepit.models.sepit_lm import SepitForConditionalGeneration
+
+        model = SepitForConditionalGeneration(copy.deepcopy(self.model_cfg))
+        if self.freeze_encoder:
+            model.freeze(encoder=True)
+        return model
+
+    def param_groups(self, model, lr):
+        return model.param_groups(base_lr=lr, encoder_lr_ratio=self.encoder_lr_ratio, llm_lr_ratio=self.llm_lr_ratio)
+
+    def export(self, model, out_dir: Path) -> None:
+        model.save_pretrained(out_dir)
+
+    def describe(self) -> dict[str, Any]:
+        return {"stage": self.stage, "encoder_path": self.model_cfg.encoder_path or "none",
+                "tokenizer_path": self.tokenizer_path, "freeze_encoder": self.freeze_encoder}
+
+
+def run_stage1(config: Stage1JobConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train stage 1; returns ``{output_dir, model_dir, mlflow_run_id, tracking_uri, metrics, checkpoint}``."""
+    from sepit.tracking import resolve_tracking_uri
+
+    if parent_run_id:
+        config.train.parent_run_id = parent_run_id
+    parent: ParentRef | None = None
+    if config.init:
+        parent = resolve_parent(config.init, resolve_tracking_uri(config.train.tracking_uri, config.train.out_path))
+        check_model_folder(parent.path, ENCODER_MODEL_TYPE, "a stage-0 protein encoder export")
+        config.model.encoder_path = parent.path
+    config.train.out_path.mkdir(parents=True, exist_ok=True)
+    tokenizer = prepare_tokenizer(config.model, config.train.out_path)
+    outcome = run_training(Stage1Task(config, tokenizer), config.train, dataset_dir=config.data.dataset_dir,
+                           data_stage="stage1", stage_config=config, parent=parent)
+    return outcome.as_dict()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_stage_arguments(parser, stage=1)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_cli(args, "stage1", stage1_preset, Stage1JobConfig, run_stage1)
