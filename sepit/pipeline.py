@@ -142,7 +142,19 @@ def step_sections(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     for step in STEPS:
         user = getattr(cfg, step)
         sections[step] = merge(merge(_stage_preset(step, cfg.preset), user), wiring[step])
+    ann = sections["dataset"].get("annotations")
+    if ann:
+        sections["dataset"]["annotations"] = [_bundled(a) for a in ann]
     return sections
+
+
+def _bundled(path: str) -> str:
+    """``bundled:derived/qa.jsonl.gz`` -> the file in the data bundled with sepit (presets use it)."""
+    if isinstance(path, str) and path.startswith("bundled:"):
+        from sepit.resources import data_path
+
+        return str(data_path(*path[len("bundled:"):].split("/")))
+    return path
 
 
 def _impl(step: str) -> tuple[type, Callable[..., Any]]:
