@@ -221,3 +221,14 @@ def test_encoder_input_errors(structures):
         enc(b.tokens, b.coords)
     with pytest.raises(EncoderInputError, match="coords shape"):
         enc(b.tokens, b.coords[:, :-1], b.coord_mask)
+
+
+def test_ambiguous_leu_ile_code_is_tokenised_as_unknown():
+    """A validated record may carry J (Leu/Ile); ESM's alphabet has no J, so it becomes X."""
+    import esm
+
+    from sepit.models.protein_batch import collate_proteins
+
+    alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    batch = collate_proteins(alphabet, [("MJK", None, None), ("MXK", None, None)])
+    assert batch.tokens[0].tolist() == batch.tokens[1].tolist()

@@ -81,10 +81,15 @@ def _as_array(x: Any, name: str, index: int) -> np.ndarray:
         raise ProteinBatchError(f"item {index}: {name} is not array-like ({exc})") from None
 
 
+# IUPAC codes a validated ProteinRecord may hold that ESM's alphabet lacks: J (Leu or Ile) is
+# tokenised as X (unknown), as ESM-2's training data did with ambiguous residues.
+_ESM_SUBSTITUTES = {"J": "X"}
+
+
 def _residue_ids(alphabet: Any, sequence: str, index: int) -> list[int]:
     ids = []
     for pos, ch in enumerate(sequence.upper()):
-        idx = alphabet.tok_to_idx.get(ch)
+        idx = alphabet.tok_to_idx.get(_ESM_SUBSTITUTES.get(ch, ch))
         if idx is None or not ch.isalpha():  # letters only: no gaps ('-', '.') or special tokens
             raise ProteinBatchError(f"item {index}: residue {pos + 1} is {ch!r}, not in the ESM alphabet")
         ids.append(idx)
