@@ -159,3 +159,40 @@ def find_run_artifact_dir(run_id: str, tracking_uri: str, artifact_path: str = "
     mlflow.set_tracking_uri(tracking_uri)
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None)
     return Path(local)
+
+
+# --------------------------------------------------------------------------- used by training
+def run_params(run_id: str, tracking_uri: str) -> dict[str, str] | None:
+    """The params of an existing run, or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return dict(MlflowClient(tracking_uri).get_run(run_id).data.params)
+    except MlflowException:
+        return None
+
+
+class MetricBatch:
+    """Per-step metrics buffered and sent with ``log_batch`` (1000 metrics per request), so a
+    training loop does not hit the store once per step; works from any process given the URI."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self._pending: list[Any] = []
+
+    def add(self, step: int, metrics: Mapping[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        for i in range(0, len(self._pending), 1000):
+            self._client.log_batch(self.run_id, metrics=self._pending[i : i + 1000])
+        self._pending = []

@@ -82,23 +82,18 @@ def _previous_run_id(out: Path, tracking_uri: str) -> str | None:
     rec = json.loads(f.read_text())
     if rec.get("tracking_uri") != tracking_uri:
         return None
-    from mlflow.tracking import MlflowClient
+    from sepit.tracking import run_params
 
-    try:
-        MlflowClient(tracking_uri).get_run(rec["run_id"])
-    except Exception:  # deleted run or another store: start a new one
-        return None
-    return rec["run_id"]
+    # A deleted run (or a store reset) starts a new run instead.
+    return rec["run_id"] if run_params(rec["run_id"], tracking_uri) is not None else None
 
 
 def _log_params_once(run_id: str, tracking_uri: str, params: dict[str, Any]) -> None:
     """Log params; on a resumed run, values that changed (e.g. max_steps) go to tags instead
     (MLflow refuses to overwrite a param)."""
-    from mlflow.tracking import MlflowClient
+    from sepit.tracking import flatten, log_params, run_params
 
-    from sepit.tracking import flatten, log_params
-
-    existing = MlflowClient(tracking_uri).get_run(run_id).data.params
+    existing = run_params(run_id, tracking_uri) or {}
     flat = flatten(params)
     new = {k: v for k, v in flat.items() if k not in existing}
     changed = {f"resumed_with.{k}": v for k, v in flat.items() if k in existing and existing[k] != v}

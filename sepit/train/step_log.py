@@ -12,41 +12,32 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 
 class StepLog:
     def __init__(self, path: Path, *, tracking_uri: str | None, run_id: str | None, flush_every: int = 20):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.run_id = run_id
         self.flush_every = flush_every
-        self._pending: list[Any] = []
-        self._client = None
+        self._mlflow = None
         if tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
+            from sepit.tracking import MetricBatch
 
-            self._client = MlflowClient(tracking_uri)
+            self._mlflow = MetricBatch(tracking_uri, run_id)
 
     def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         with self.path.open("a") as f:
             f.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **clean}) + "\n")
-        if self._client is None:
+        if self._mlflow is None:
             return
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self._pending.extend(Metric(k, v, ts, step) for k, v in clean.items())
+        self._mlflow.add(step, clean)
         if kind != "train" or step % self.flush_every == 0:
             self.flush()
 
     def flush(self) -> None:
-        if self._client is None or not self._pending:
-            return
-        for i in range(0, len(self._pending), 1000):  # MLflow's per-batch metric limit
-            self._client.log_batch(self.run_id, metrics=self._pending[i : i + 1000])
-        self._pending = []
+        if self._mlflow is not None:
+            self._mlflow.flush()
 
 
 def read_step_log(path: Path, kind: str = "train") -> dict[int, dict[str, float]]:
