@@ -163,8 +163,8 @@ def dataset_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stage1_model(ray_local, dataset_dir, tmp_path_factory):
-    """A tiny stage-1 SEPIT model from a real (short) stage-1 run."""
+def stage1_run(ray_local, dataset_dir, tmp_path_factory):
+    """A tiny stage-1 SEPIT model from a real (short) stage-1 run: its run_stage1 result."""
     from sepit.config.base import from_dict, merge
     from sepit.train.stage1 import Stage1JobConfig, run_stage1, stage1_preset
 
@@ -173,7 +173,12 @@ def stage1_model(ray_local, dataset_dir, tmp_path_factory):
         "data": {"dataset_dir": str(dataset_dir)},
         "train": {"output_dir": str(out), "max_steps": 2, "eval_every": 0, "eval_max_batches": 1,
                   "checkpoint_every": 2, "warmup_steps": 1, "micro_batch_size": 4}}))
-    return Path(run_stage1(cfg)["model_dir"])
+    return run_stage1(cfg)
+
+
+@pytest.fixture(scope="module")
+def stage1_model(stage1_run):
+    return Path(stage1_run["model_dir"])
 
 
 def _sweep_config(out: Path, stage1_model: Path, dataset_dir: Path, **kw) -> SweepConfig:
@@ -197,12 +202,15 @@ def _mlflow_runs(uri: str):
 
 
 @pytest.mark.slow
-def test_sweep_over_expert_counts(stage1_model, dataset_dir, tmp_path):
+def test_sweep_over_expert_counts(stage1_run, stage1_model, dataset_dir, tmp_path):
     from sepit.tune.sweep import run_sweep
 
-    rc = cli_main(["sweep-experts", "--preset", "tiny", "--init", str(stage1_model), "--data", str(dataset_dir),
-                   "--out", str(tmp_path / "dry"), "--dry-run", "space.num_experts=[2,4]"])
-    assert rc == 0 and not (tmp_path / "dry").exists()  # a dry run checks, writes nothing
+    # The stage-1 model given as its MLflow run id: fetched once into <out>/init, then checked.
+    rc = cli_main(["sweep-experts", "--preset", "tiny", "--init", stage1_run["mlflow_run_id"], "--data", str(dataset_dir),
+                   "--out", str(tmp_path / "dry"), "--dry-run", "space.num_experts=[2,4]",
+                   f"tracking_uri={stage1_run['tracking_uri']}"])
+    assert rc == 0
+    assert (tmp_path / "dry" / "init" / "model" / "config.json").is_file() and not (tmp_path / "dry" / "tune").exists()
 
     cfg = _sweep_config(tmp_path / "sweep", stage1_model, dataset_dir, space=SearchSpace(num_experts=[2, 4]),
                         max_concurrent_trials=2)

@@ -209,15 +209,16 @@ def validate_sweep(cfg: SweepConfig) -> list[Any]:
 
 def resolve_inputs(cfg: SweepConfig, tracking_uri: str | None) -> SweepConfig:
     """A copy of ``cfg`` whose ``stage2.init`` is the local stage-1 model folder (an MLflow run id
-    is fetched once here, not once per trial) and whose dataset folder is absolute (Tune runs
-    each trial in its own working folder)."""
+    is fetched once, into ``<out>/init``, so every trial, on any node sharing ``out``, reads the
+    same copy) and whose dataset folder is absolute (Tune runs each trial in its own working
+    folder)."""
     from sepit.train.lineage import ParentNotFoundError, resolve_parent
     from sepit.train.stage2 import SEPIT_MODEL_TYPE
     from sepit.train.stage_common import StageInitError, check_model_folder
 
     stage2 = dict(cfg.stage2)
     try:
-        parent = resolve_parent(str(stage2["init"]), tracking_uri)
+        parent = resolve_parent(str(stage2["init"]), tracking_uri, download_to=cfg.out_path / "init")
         check_model_folder(parent.path, SEPIT_MODEL_TYPE, "a stage-1 SEPIT model export")
     except (ParentNotFoundError, StageInitError) as exc:
         raise ConfigError(f"stage2.init: {exc}") from None
