@@ -244,7 +244,7 @@ def _hostile_requests(model: str) -> list[tuple[str, dict]]:
         ("huge chunked body", {"content": iter([b"[" + b"1," * 4096] * 400), "headers": {"content-type": "application/json"}}),
         ("wrong alphabet", j({"sequence": "MKT<script>", "questions": ["q"]})),
         ("digits", j({"sequence": "1234", "questions": ["q"]})),
-        ("J is not an ESM residue", j({"sequence": "MKTJAY", "questions": ["q"]})),
+        ("gap characters", j({"sequence": "MKT-AY", "questions": ["q"]})),
         ("too long", j({"sequence": "M" * 401, "questions": ["q"]})),
         ("empty question", j({"sequence": SEQUENCE, "questions": ["   "]})),
         ("no questions", j({"sequence": SEQUENCE, "questions": []})),
