@@ -22,3 +22,15 @@ def test_sqlite_store_nested_runs(tmp_path, monkeypatch):
 
 def test_flatten():
     assert flatten({"a": {"b": 1}, "c": (1, 2)}) == {"a.b": "1", "c": "[1, 2]"}
+
+
+def test_a_store_used_earlier_in_the_process_does_not_capture_later_runs(tmp_path, monkeypatch):
+    from sepit.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with start_run("first", out_dir=tmp_path / "a"):
+        pass
+    # mlflow has now written MLFLOW_TRACKING_URI=<a>; a new job folder still gets its own store
+    assert resolve_tracking_uri(None, tmp_path / "b").endswith(str(tmp_path / "b" / "mlflow.db"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(None, tmp_path / "b") == "http://127.0.0.1:5999"

@@ -29,11 +29,24 @@ def default_tracking_uri(out_dir: str | Path) -> str:
     return f"sqlite:///{out / MLFLOW_DB}"
 
 
+_URIS_WE_SET: set[str] = set()
+
+
+def _set_uri(uri: str) -> None:
+    import mlflow
+
+    if os.environ.get("MLFLOW_TRACKING_URI") != uri:
+        _URIS_WE_SET.add(uri)
+    mlflow.set_tracking_uri(uri)
+
+
 def resolve_tracking_uri(uri: str | None = None, out_dir: str | Path | None = None) -> str:
     if uri:
         return uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
+    # mlflow.set_tracking_uri() also writes MLFLOW_TRACKING_URI: a value we set ourselves for an
+    # earlier run in this process is not the user's choice and must not capture later runs.
+    if env and env not in _URIS_WE_SET:
         return env
     if out_dir is None:
         raise ValueError("no MLflow tracking URI: pass one, set MLFLOW_TRACKING_URI, or give an output folder")
@@ -51,7 +64,7 @@ def _artifact_location(uri: str) -> str | None:
 def get_or_create_experiment(name: str, uri: str) -> str:
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    _set_uri(uri)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -152,12 +165,20 @@ def log_dict_artifact(data: Any, name: str) -> None:
     mlflow.log_dict(data, name)
 
 
-def find_run_artifact_dir(run_id: str, tracking_uri: str, artifact_path: str = "") -> Path:
-    """Download (or locate, for a local store) a run's artifact folder; used for ``--init RUN_ID``."""
+def find_run_artifact_dir(run_id: str, tracking_uri: str, artifact_path: str = "",
+                          dst_path: str | Path | None = None) -> Path:
+    """Download (or locate, for a local store) a run's artifact folder; used for ``--init RUN_ID``.
+
+    ``dst_path`` puts the copy in a chosen folder (e.g. a job's output folder on shared storage,
+    so training workers on other nodes can read it); default: MLflow's temporary folder.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None)
+    _set_uri(tracking_uri)
+    if dst_path is not None:
+        Path(dst_path).mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None,
+                                                dst_path=None if dst_path is None else str(dst_path))
     return Path(local)
 
 
