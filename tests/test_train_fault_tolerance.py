@@ -27,6 +27,7 @@ import ray.cloudpickle
 import train_support
 from sepit.train.config import TrainConfig
 from sepit.train.launch import run_training
+from sepit.train.lineage import resolve_parent
 from sepit.train.step_log import read_step_log
 
 ray.cloudpickle.register_pickle_by_value(train_support)  # Ray workers cannot import tests/
@@ -110,8 +111,12 @@ def mlflow_server(tmp_path_factory):
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    os.killpg(proc.pid, signal.SIGTERM)  # the server runs in its own process group (its workers too)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +144,10 @@ def test_run_is_tracked_on_a_real_mlflow_server(baseline, mlflow_server):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [8, 16, 24]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"lineage.json", "config.yaml", "loss_curve.png", "model"} <= artifacts
+    # a later stage names this one by run id: the model artifact comes back through the server
+    parent = resolve_parent(run.info.run_id, mlflow_server, download_to=baseline.output_dir / "parent_copy")
+    assert parent.run_id == run.info.run_id and parent.stage == "toy"
+    assert (Path(parent.path) / "weights.pt").read_bytes() == (baseline.model_dir / "weights.pt").read_bytes()
     lineage = json.loads((baseline.model_dir / "lineage.json").read_text())
     assert lineage["mlflow_run_id"] == run.info.run_id and lineage["stage"] == "toy"
     assert set(lineage["data"]["files"]) == {"toy/train.parquet", "toy/val.parquet"}

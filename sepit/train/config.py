@@ -66,6 +66,8 @@ class TrainConfig:
     """Micro-batches per length-sorting window: rows are read in windows of
     ``bucket_window * micro_batch_size``, sorted by length, cut into batches, and the batches
     shuffled, so each batch pads only to its own longest example."""
+    prefetch_batches: int = 2
+    """Micro-batches read and collated ahead by a background thread (0 = inline, in the loop)."""
     shuffle_rows: int = 4096
     """Rows held by each worker's seeded shuffle buffer (re-shuffled every epoch; 0 = file order)."""
     max_residues: int = 1022
@@ -109,6 +111,7 @@ class TrainConfig:
         check_range(self.grad_clip, "train.grad_clip", lo=0)
         check_range(self.bucket_window, "train.bucket_window", lo=1)
         check_range(self.shuffle_rows, "train.shuffle_rows", lo=0)
+        check_range(self.prefetch_batches, "train.prefetch_batches", lo=0)
         check_range(self.max_residues, "train.max_residues", lo=1, hi=1022)
         check_range(self.eval_every, "train.eval_every", lo=0)
         check_range(self.eval_max_batches, "train.eval_max_batches", lo=0)

@@ -19,6 +19,8 @@ without collating them.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -26,6 +28,9 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+#: One collate at a time per process: fast tokenizers refuse concurrent calls ("Already borrowed")
+#: and the prefetch thread collates training batches while the loop collates validation ones.
+COLLATE_LOCK = threading.Lock()
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -144,48 +149,86 @@ def bucketed_batches(
 class EpochFeeder:
     """Collated training micro-batches for one worker, epoch after epoch, resumable.
 
-    ``next_batch()`` returns the next collated batch and advances ``epoch`` / ``batch_in_epoch``;
-    ``wait_s`` accumulates the time spent waiting for data (reading + bucketing + collate).
+    ``next_batch()`` returns the next collated batch and sets ``epoch`` / ``batch_in_epoch`` to
+    the position *after* it (what a checkpoint records); ``wait_s`` accumulates the time the
+    training loop spent waiting for data.  With ``prefetch > 0`` a background thread reads,
+    buckets and collates up to that many batches ahead (collation must not draw from the global
+    RNGs, whose state belongs to the training loop; the tasks' collates are deterministic).
     """
 
     def __init__(self, shard: Any, task: Any, *, micro_batch_size: int, window_batches: int,
-                 seed: int, rank: int, shuffle_rows: int, epoch: int = 0, batch_in_epoch: int = 0):
+                 seed: int, rank: int, shuffle_rows: int, epoch: int = 0, batch_in_epoch: int = 0,
+                 prefetch: int = 0):
         self.shard, self.task, self.shuffle_rows = shard, task, shuffle_rows
         self.micro_batch_size, self.window_batches = micro_batch_size, window_batches
         self.seed, self.rank = seed, rank
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.prefetch = prefetch
         self.wait_s = 0.0
-        self._it: Iterator[list[dict[str, Any]]] | None = None
+        self._source: Iterator[tuple[int, int, dict[str, Any]]] | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
 
-    def _epoch_iter(self) -> Iterator[list[dict[str, Any]]]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[list[dict[str, Any]]]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
         rows = shuffled(iter_rows(self.shard), self.shuffle_rows, rng) if self.shuffle_rows else iter_rows(self.shard)
         it = bucketed_batches(rows, micro_batch_size=self.micro_batch_size,
                               window_batches=self.window_batches, length_of=self.task.row_length, rng=rng)
-        for _ in range(self.batch_in_epoch):  # resume: skip consumed batches without collating
+        for _ in range(skip):  # resume: skip consumed batches without collating them
             if next(it, None) is None:
                 break
         return it
 
+    def _produce(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(epoch, batch_in_epoch after this batch, batch), forever."""
+        epoch, pos = self.epoch, self.batch_in_epoch
+        while True:
+            produced = False
+            for rows in self._epoch_batches(epoch, pos):
+                produced = True
+                pos += 1
+                with COLLATE_LOCK:
+                    batch = self.task.collate(rows, train=True)
+                yield epoch, pos, batch
+            if not produced and pos == 0:
+                raise EmptySplitError(f"worker {self.rank} received no training rows; the training split "
+                                      f"needs at least one row per worker")
+            epoch, pos = epoch + 1, 0  # end of epoch: the next one starts from its first batch
+
+    def _fill(self) -> None:
+        try:
+            for item in self._produce():
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the training loop, which raises it
+            self._queue.put(exc)
+
     def next_batch(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        for attempt in range(2):
-            if self._it is None:
-                self._it = self._epoch_iter()
-            rows = next(self._it, None)
-            if rows is not None:
-                break
-            # End of epoch: start the next one from its first batch.
-            if attempt == 1 or self.batch_in_epoch == 0:
-                raise EmptySplitError(
-                    f"worker {self.rank} received no training rows; the training split needs at least "
-                    f"one row per worker"
-                )
-            self.epoch, self.batch_in_epoch, self._it = self.epoch + 1, 0, None
-        batch = self.task.collate(rows, train=True)
-        self.batch_in_epoch += 1
+        if self.prefetch:
+            if self._queue is None:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                threading.Thread(target=self._fill, name=f"batch-prefetch-{self.rank}", daemon=True).start()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+        else:
+            if self._source is None:
+                self._source = self._produce()
+            item = next(self._source)
+        self.epoch, self.batch_in_epoch, batch = item
         self.wait_s += time.perf_counter() - t0
         return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it may be blocked on a full queue)."""
+        self._stop.set()
 
 
 class ValidationRows:
@@ -213,4 +256,6 @@ class ValidationRows:
         if max_batches:
             starts = starts[:max_batches]
         for s in starts:
-            yield self.task.collate(rows[s : s + micro_batch_size], train=False)
+            with COLLATE_LOCK:
+                batch = self.task.collate(rows[s : s + micro_batch_size], train=False)
+            yield batch

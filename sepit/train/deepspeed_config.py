@@ -1,5 +1,10 @@
 """DeepSpeed configs built from :class:`TrainConfig`, and the ZeRO checks stages rely on.
 
+ZeRO-3 gathers each submodule's parameters collectively when that submodule runs, so every rank
+must run the same submodules in every forward.  A model that skips a submodule depending on the
+data (e.g. a structure bias skipped for a batch without coordinates) desynchronises the ranks'
+gathers under ZeRO-3; such models train with ZeRO <= 2.
+
 Optimizer: a client ``torch.optim.AdamW`` over the stage's parameter groups (no FusedAdam
 compile; ``zero_allow_untested_optimizer`` lets ZeRO wrap it).  With optimizer offload
 DeepSpeed needs its own CPU Adam, so the optimizer moves into the DeepSpeed config instead.

@@ -27,7 +27,7 @@ from sepit.config.base import save_yaml, to_dict
 from .checkpoint import EXPORT_SUBDIR
 from .config import TrainConfig
 from .curves import plot_loss_curve
-from .data import data_config, training_datasets
+from .data import EmptySplitError, data_config, training_datasets
 from .lineage import MODEL_ARTIFACT, ParentRef, build_lineage, dataset_fingerprint, write_lineage
 from .step_log import read_step_log
 from .task import TrainTask
@@ -173,6 +173,10 @@ def run_training(
     previous = _previous_run_id(out, uri)
     ensure_ray(cfg)
     datasets, counts = training_datasets(dataset_dir, data_stage, seed=cfg.seed, columns=task.columns)
+    if counts["train"] < cfg.num_workers:
+        # Ray would hand some worker an empty shard; fail here instead of after the retries.
+        raise EmptySplitError(f"{data_stage}/train.parquet in {dataset_dir} has {counts['train']} rows, fewer than "
+                              f"train.num_workers={cfg.num_workers}")
     data_fp = dataset_fingerprint(dataset_dir, data_stage)
     tags = {"sepit.stage": task.stage}
     if parent:

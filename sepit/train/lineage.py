@@ -63,8 +63,9 @@ def read_lineage(model_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def resolve_parent(ref: str, tracking_uri: str | None) -> ParentRef:
-    """A previous stage's exported folder, or the ``model`` artifact of an MLflow run id."""
+def resolve_parent(ref: str, tracking_uri: str | None, download_to: str | Path | None = None) -> ParentRef:
+    """A previous stage's exported folder, or the ``model`` artifact of an MLflow run id (copied
+    into ``download_to`` when given: the stage's output folder, which workers can read)."""
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / "model").is_dir() and not (path / "config.json").is_file():
@@ -77,7 +78,7 @@ def resolve_parent(ref: str, tracking_uri: str | None) -> ParentRef:
         from sepit.tracking import find_run_artifact_dir
 
         try:
-            local = find_run_artifact_dir(ref, tracking_uri, MODEL_ARTIFACT)
+            local = find_run_artifact_dir(ref, tracking_uri, MODEL_ARTIFACT, dst_path=download_to)
         except Exception as exc:  # MLflow raises several types for unknown runs / artifacts
             raise ParentNotFoundError(
                 f"MLflow run {ref} at {tracking_uri} has no '{MODEL_ARTIFACT}' artifact: {exc}") from None

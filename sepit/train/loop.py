@@ -193,7 +193,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     feeder = EpochFeeder(ray.train.get_dataset_shard("train"), task, micro_batch_size=cfg.micro_batch_size,
                          window_batches=cfg.bucket_window, seed=cfg.seed, rank=rank,
-                         shuffle_rows=cfg.shuffle_rows, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch)
+                         shuffle_rows=cfg.shuffle_rows, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
+                         prefetch=cfg.prefetch_batches)
     val_data = (ValidationRows(ray.train.get_dataset_shard("val"), task, n_rows=val_rows, rank=rank, world=world)
                 if val_rows else None)
     log = StepLog(cfg.train_log, tracking_uri=tracking.get("tracking_uri"), run_id=tracking.get("run_id")) if rank == 0 else None
@@ -305,5 +306,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                   f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
         if state.step % cfg.checkpoint_every == 0 or final:
             checkpoint(metrics, final=final, name=checkpoint_dir_name(state.step))
+    feeder.close()
     if log is not None:
         log.flush()

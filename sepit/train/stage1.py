@@ -116,7 +116,8 @@ def run_stage1(config: Stage1JobConfig, parent_run_id: str | None = None) -> dic
         config.train.parent_run_id = parent_run_id
     parent: ParentRef | None = None
     if config.init:
-        parent = resolve_parent(config.init, resolve_tracking_uri(config.train.tracking_uri, config.train.out_path))
+        parent = resolve_parent(config.init, resolve_tracking_uri(config.train.tracking_uri, config.train.out_path),
+                            download_to=config.train.out_path / "parent")
         check_model_folder(parent.path, ENCODER_MODEL_TYPE, "a stage-0 protein encoder export")
         config.model.encoder_path = parent.path
     config.train.out_path.mkdir(parents=True, exist_ok=True)

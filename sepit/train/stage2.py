@@ -120,7 +120,8 @@ def run_stage2(config: Stage2JobConfig, parent_run_id: str | None = None) -> dic
         config.train.parent_run_id = parent_run_id
     if not config.init:
         raise StageInitError("stage 2 starts from a stage-1 model: pass --init <stage-1 folder or MLflow run id>")
-    parent = resolve_parent(config.init, resolve_tracking_uri(config.train.tracking_uri, config.train.out_path))
+    parent = resolve_parent(config.init, resolve_tracking_uri(config.train.tracking_uri, config.train.out_path),
+                            download_to=config.train.out_path / "parent")
     check_model_folder(parent.path, SEPIT_MODEL_TYPE, "a stage-1 SEPIT model export")
     saved = json.loads((Path(parent.path) / "config.json").read_text())
     if (saved.get("sepit") or {}).get("moe"):

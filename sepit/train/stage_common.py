@@ -98,13 +98,14 @@ def config_from_args(args: argparse.Namespace, preset_fn: Callable[[str], dict[s
 
 def run_cli(args: argparse.Namespace, name: str, preset_fn, cls, run_fn) -> int:
     """Shared ``run(args)`` of the stage commands: clear one-line errors, a summary at the end."""
+    from .data import EmptySplitError
     from .launch import TrainingError
     from .lineage import ParentNotFoundError
 
     try:
         config = config_from_args(args, preset_fn, cls)
         result = run_fn(config)
-    except (ConfigError, StageInitError, ParentNotFoundError, FileNotFoundError, TrainingError) as exc:
+    except (ConfigError, StageInitError, ParentNotFoundError, FileNotFoundError, EmptySplitError, TrainingError) as exc:
         print(f"sepit {name}: {exc}", file=sys.stderr)
         return 2
     metrics = result["metrics"]
