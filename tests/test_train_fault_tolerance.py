@@ -1,7 +1,7 @@
 """Ray Train + DeepSpeed + MLflow for real: a worker killed mid-run, a stopped run resumed in
 its output folder, and an MLflow tracking server on loopback.
 
-One uninterrupted 2-worker ZeRO-2 run (the baseline, tracked by a real ``mlflow server``) is the
+One uninterrupted 2-worker ZeRO-3 run (the baseline, tracked by a real ``mlflow server``) is the
 reference; the interrupted runs must end at the same step with the same loss trajectory.
 Training is deterministic (seeds, fixed data order, data position and RNG states restored), so
 the tolerance is tight: |Δloss| <= 1e-4 at every step (gloo all-reduces of 2 ranks and CPU fp32
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +47,7 @@ class ToyStageConfig:
 def toy_config(out: Path, **kw) -> ToyStageConfig:
     # 355 rows per worker = 45 micro-batches per epoch; 24 steps x 2 accumulated micro-batches
     # cross an epoch boundary, so the restored data position must include the epoch.
-    base = dict(output_dir=str(out), run_name="toy", num_workers=2, cpus_per_worker=0.5, zero_stage=2,
+    base = dict(output_dir=str(out), run_name="toy", num_workers=2, cpus_per_worker=0.5, zero_stage=3,
                 micro_batch_size=8, grad_accum_steps=2, max_steps=MAX_STEPS, warmup_steps=3, lr=3e-3,
                 eval_every=8, checkpoint_every=8, max_failures=1, bucket_window=4)
     base.update(kw)
@@ -125,6 +126,8 @@ def baseline(ray_local, toy_data, tmp_path_factory, mlflow_server):
     cfg = toy_config(out, tracking_uri=mlflow_server)
     outcome = run_training(train_support.ResidueLMTask(), cfg.train, dataset_dir=toy_data, data_stage="toy",
                            stage_config=cfg)
+    # The resume test extends this run later; keep the uninterrupted trajectory aside.
+    shutil.copy(out / "train_log.jsonl", out / "reference_log.jsonl")
     return outcome
 
 
@@ -134,7 +137,7 @@ def test_run_is_tracked_on_a_real_mlflow_server(baseline, mlflow_server):
     client = MlflowClient(mlflow_server)
     run = client.get_run(baseline.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.zero_stage"] == "2" and run.data.params["train.num_workers"] == "2"
+    assert run.data.params["train.zero_stage"] == "3" and run.data.params["train.num_workers"] == "2"
     assert run.data.tags["sepit.stage"] == "toy" and run.data.tags["sepit.lineage.parent"] == "none"
     assert "sys.torch" in run.data.tags
     history = client.get_metric_history(run.info.run_id, "loss")
@@ -153,7 +156,7 @@ def test_run_is_tracked_on_a_real_mlflow_server(baseline, mlflow_server):
     assert set(lineage["data"]["files"]) == {"toy/train.parquet", "toy/val.parquet"}
     assert lineage["config"]["train"]["max_steps"] == MAX_STEPS
     # lr schedule: warm-up then decay; the head group runs at twice the body's lr
-    lr = read_step_log(baseline.output_dir / "train_log.jsonl")
+    lr = read_step_log(baseline.output_dir / "reference_log.jsonl")
     assert lr[1]["lr"] == pytest.approx(1e-3) and lr[3]["lr"] == pytest.approx(3e-3)
     assert lr[MAX_STEPS]["lr"] < lr[10]["lr"] and lr[5]["lr/body"] == pytest.approx(lr[5]["lr/head"] / 2)
     assert lr[MAX_STEPS]["epoch"] == 1.0  # crossed into the second epoch
@@ -185,27 +188,28 @@ def test_killed_worker_restarts_from_checkpoint_with_same_trajectory(baseline, t
     train_steps = [r["step"] for r in raw if r["kind"] == "train"]
     assert len(train_steps) > MAX_STEPS  # steps after the checkpoint really ran twice
     assert outcome.metrics["step"] == MAX_STEPS
-    assert_same_trajectory(cfg.train.train_log, baseline.output_dir / "train_log.jsonl")
+    assert_same_trajectory(cfg.train.train_log, baseline.output_dir / "reference_log.jsonl")
 
 
-def test_stopped_run_resumes_with_more_steps_in_the_same_folder(toy_data, tmp_path, ray_local):
-    """A run that reached max_steps=6 is re-run in the same folder with max_steps=12: it continues
-    from its step-6 checkpoint (ZeRO-3 state, RNG, data position), keeps its MLflow run, and
-    exports again at step 12."""
-    out = tmp_path / "stopped"
-
-    def run(max_steps):
-        cfg = toy_config(out, num_workers=1, zero_stage=3, max_steps=max_steps, checkpoint_every=3, eval_every=6)
-        return run_training(train_support.ResidueLMTask(), cfg.train, dataset_dir=toy_data, data_stage="toy",
-                            stage_config=cfg)
-
-    first = run(6)
-    assert json.loads((out / "workers" / "rank0.json").read_text())["resumed_step"] is None
-    weights6 = (first.model_dir / "weights.pt").read_bytes()
-    second = run(12)
-    assert json.loads((out / "workers" / "rank0.json").read_text())["resumed_step"] == 6
+def test_stopped_run_resumes_with_more_steps_in_the_same_folder(baseline, toy_data, mlflow_server):
+    """The finished baseline (stopped at max_steps) is re-run in its folder with 6 more steps: it
+    continues from its last ZeRO-3 checkpoint (RNG, data position), keeps its MLflow run on the
+    server, and exports again."""
+    out = baseline.output_dir
+    weights_before = (baseline.model_dir / "weights.pt").read_bytes()
+    cfg = toy_config(out, tracking_uri=mlflow_server, max_steps=MAX_STEPS + 6)
+    resumed = run_training(train_support.ResidueLMTask(), cfg.train, dataset_dir=toy_data, data_stage="toy",
+                           stage_config=cfg)
+    assert json.loads((out / "workers" / "rank0.json").read_text())["resumed_step"] == MAX_STEPS
     raw = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in raw if r["kind"] == "train"] == list(range(1, 13))  # no step ran twice
-    assert second.mlflow_run_id == first.mlflow_run_id and second.metrics["step"] == 12
-    assert (second.model_dir / "weights.pt").read_bytes() != weights6  # a new export at step 12
-    assert Path(second.checkpoint).name == "checkpoint_step0000012"
+    assert [r["step"] for r in raw if r["kind"] == "train"] == list(range(1, MAX_STEPS + 7))  # none ran twice
+    assert resumed.mlflow_run_id == baseline.mlflow_run_id and resumed.metrics["step"] == MAX_STEPS + 6
+    assert Path(resumed.checkpoint).name == f"checkpoint_step{MAX_STEPS + 6:07d}"
+    assert (resumed.model_dir / "weights.pt").read_bytes() != weights_before
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(mlflow_server).get_run(baseline.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["sepit.resumed"] == "true"
+    assert run.data.tags["resumed_with.train.max_steps"] == str(MAX_STEPS + 6)
+    assert len(MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "loss")) == MAX_STEPS + 6

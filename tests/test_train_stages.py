@@ -94,6 +94,8 @@ def test_three_stages_as_ray_jobs_learn_and_record_lineage(dataset, tmp_path):
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     out = {n: tmp_path / f"stage{n}" for n in range(3)}
+    # The uploaded working dir has no .git: the submitter passes the commit for the lineage.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     options = ["--data", str(dataset), "--tracking-uri", tracking, "--parent-run-id", parent]
     overrides = [f"train.max_steps={STEPS}", f"train.eval_every={STEPS // 2}", f"train.checkpoint_every={STEPS // 2}",
                  "train.eval_at_start=true", "train.max_failures=0"]
@@ -110,7 +112,8 @@ def test_three_stages_as_ray_jobs_learn_and_record_lineage(dataset, tmp_path):
             if n == 1:
                 stage_options = ["--init", json.loads((out[0] / "mlflow_run.json").read_text())["run_id"]]
             job = subprocess.run(
-                [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO),
+                 "--runtime-env-json", json.dumps({"env_vars": {"SEPIT_GIT_COMMIT": commit}}), "--",
                  "python", f"jobs/stage{n}.py", "--preset", "tiny", "--out", str(out[n]), *options, *stage_options,
                  *overrides, *stage_overrides],
                 env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -134,6 +137,7 @@ def test_three_stages_as_ray_jobs_learn_and_record_lineage(dataset, tmp_path):
         assert run.data.tags["sepit.stage"] == f"stage{n}"
         lineage = json.loads((out[n] / "model" / "lineage.json").read_text())
         assert lineage["stage"] == f"stage{n}" and lineage["mlflow_run_id"] == run_id
+        assert lineage["git_commit"] == commit
         assert set(lineage["data"]["files"]) == {f"stage{n}/{s}.parquet" for s in ("train", "val", "test")}
         assert {"lineage.json", "config.yaml", "loss_curve.png", "model"} <= {a.path for a in client.list_artifacts(run_id)}
     # lineage chain: stage 1 named its parent by MLflow run id, stage 2 by folder

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -45,8 +46,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: Set by whoever submits a job (``--runtime-env-json '{"env_vars": {"SEPIT_GIT_COMMIT": ...}}'``):
+#: Ray uploads the working directory without ``.git``, so the job itself cannot ask git.
+GIT_COMMIT_ENV = "SEPIT_GIT_COMMIT"
+
+
 def git_commit(start: str | Path | None = None) -> str | None:
-    """HEAD of the git checkout holding ``start`` (default: this package), ``+dirty`` if modified."""
+    """HEAD of the git checkout holding ``start`` (default: this package), ``+dirty`` if modified;
+    else ``$SEPIT_GIT_COMMIT``; else None."""
     where = Path(start) if start else Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
@@ -54,7 +61,7 @@ def git_commit(start: str | Path | None = None) -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None  # not a git checkout (installed wheel, job working_dir upload)
+        return os.environ.get(GIT_COMMIT_ENV) or None  # no checkout here (wheel, job upload)
     return f"{sha}+dirty" if dirty else sha
 
 
