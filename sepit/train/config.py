@@ -70,6 +70,9 @@ class TrainConfig:
     """Micro-batches read and collated ahead by a background thread (0 = inline, in the loop)."""
     shuffle_rows: int = 4096
     """Rows held by each worker's seeded shuffle buffer (re-shuffled every epoch; 0 = file order)."""
+    materialize_mb: float = 64.0
+    """Splits whose Parquet file is at most this size are read once into Ray's object store
+    (fast epochs and restarts); larger ones stream from storage every epoch."""
     max_residues: int = 1022
     """Longest protein fed to the encoder; longer ones are cut (sequence and coordinates together)."""
 
@@ -112,6 +115,7 @@ class TrainConfig:
         check_range(self.bucket_window, "train.bucket_window", lo=1)
         check_range(self.shuffle_rows, "train.shuffle_rows", lo=0)
         check_range(self.prefetch_batches, "train.prefetch_batches", lo=0)
+        check_range(self.materialize_mb, "train.materialize_mb", lo=0)
         check_range(self.max_residues, "train.max_residues", lo=1, hi=1022)
         check_range(self.eval_every, "train.eval_every", lo=0)
         check_range(self.eval_max_batches, "train.eval_max_batches", lo=0)

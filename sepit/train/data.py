@@ -1,7 +1,7 @@
 """Feeding training workers from Ray Data: deterministic order, length buckets, dynamic padding.
 
-Driver side (:func:`load_split`, :func:`training_datasets`): a stage's Parquet split as a lazy
-Ray Dataset (training blocks in a seeded random order).  Ray Train splits ``train``
+Driver side (:func:`load_split`, :func:`training_datasets`): a stage's Parquet split as a Ray
+Dataset (training blocks in a seeded random order; small splits materialised once).  Ray Train splits ``train``
 across workers with ``streaming_split(equal=True)`` (``get_dataset_shard``) under
 ``preserve_order``, so every worker sees the same rows in the same order on every run: that is
 what makes a resumed or restarted run continue exactly where it stopped.  ``val`` is not split by
@@ -69,14 +69,17 @@ def count_rows(dataset_dir: str | Path, stage: str, split: str) -> int:
 
 
 def training_datasets(
-    dataset_dir: str | Path, stage: str, *, seed: int, columns: list[str] | None = None
+    dataset_dir: str | Path, stage: str, *, seed: int, columns: list[str] | None = None,
+    materialize_mb: float = 64.0,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """``({"train": ds, "val": ds}, {"train": rows, "val": rows})`` ready for a TorchTrainer.
 
-    Lazy datasets: they execute inside the workers (train once per epoch, val once per worker).
     The training blocks are put in a seeded random order (fixed across epochs and restarts, a
     cheap global mix for multi-file datasets); rows are then shuffled per epoch on the worker
-    (:func:`shuffled`).
+    (:func:`shuffled`).  A split whose Parquet file is at most ``materialize_mb`` MB is read once
+    here into the object store, so epochs, restarts and every worker's validation reads launch no
+    new read tasks (each Ray Data execution costs seconds of task start-up); larger splits stay
+    lazy and stream from storage in the workers, once per epoch.
     """
     import ray.data
 
@@ -84,9 +87,12 @@ def training_datasets(
     counts = {split: count_rows(dataset_dir, stage, split) for split in ("train", "val")}
     if counts["train"] == 0:
         raise EmptySplitError(f"{split_path(dataset_dir, stage, 'train')} has no rows")
-    train = load_split(dataset_dir, stage, "train", columns).randomize_block_order(seed=seed)
-    val = load_split(dataset_dir, stage, "val", columns)
-    return {"train": train, "val": val}, counts
+    datasets = {"train": load_split(dataset_dir, stage, "train", columns).randomize_block_order(seed=seed),
+                "val": load_split(dataset_dir, stage, "val", columns)}
+    for split, ds in datasets.items():
+        if split_path(dataset_dir, stage, split).stat().st_size <= materialize_mb * 2**20:
+            datasets[split] = ds.materialize()
+    return datasets, counts
 
 
 def data_config():

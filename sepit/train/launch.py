@@ -172,7 +172,8 @@ def run_training(
     uri = resolve_tracking_uri(cfg.tracking_uri, out)
     previous = _previous_run_id(out, uri)
     ensure_ray(cfg)
-    datasets, counts = training_datasets(dataset_dir, data_stage, seed=cfg.seed, columns=task.columns)
+    datasets, counts = training_datasets(dataset_dir, data_stage, seed=cfg.seed, columns=task.columns,
+                                         materialize_mb=cfg.materialize_mb)
     if counts["train"] < cfg.num_workers:
         # Ray would hand some worker an empty shard; fail here instead of after the retries.
         raise EmptySplitError(f"{data_stage}/train.parquet in {dataset_dir} has {counts['train']} rows, fewer than "
