@@ -1,6 +1,6 @@
 """Training throughput of stages 0-2 on Ray Train + DeepSpeed (CPU), with 1 and 2 workers.
 
-    python evals/bench_training.py --out /tmp/bench_training [--data DATASET] [--preset tiny] [--steps 30]
+    python evals/bench_training.py --out /tmp/bench_training [--data DATASET] [--preset tiny] [--steps 40]
 
 For each worker count it runs stage 0 -> 1 -> 2 for ``--steps`` optimizer steps on the bundled
 real data (the dataset is built first when ``--data`` is not given) and reports, from the
@@ -64,18 +64,24 @@ def matmul_flops(threads: int, n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(task, rows: list[dict]) -> float:
-    """Forward + backward FLOPs of one real batch / its non-padding tokens."""
+def flops_per_token(task, rows: list[dict], micro_batch: int = 8) -> float:
+    """Forward + backward FLOPs over real batches / their non-padding tokens (matmuls, attention;
+    elementwise work such as the structure bias's basis functions is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     model = task.build_model().train()
-    batch = task.collate(rows, train=True)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss, _ = task.forward_loss(model, batch)
-        loss.backward()
-    return counter.get_total_flops() / batch["num_tokens"]
+    flops = tokens = 0
+    for i in range(0, len(rows), micro_batch):
+        batch = task.collate(rows[i:i + micro_batch], train=True)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss, _ = task.forward_loss(model, batch)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        flops += counter.get_total_flops()
+        tokens += batch["num_tokens"]
+    return flops / tokens
 
 
 def step_stats(out_dir: Path, warmup: int) -> dict[str, float]:
@@ -137,10 +143,14 @@ def run_chain(data: Path, out: Path, preset: str, steps: int, workers: int) -> d
     return dirs
 
 
-def sample_rows(data: Path, stage: int, n: int) -> list[dict]:
+def sample_rows(data: Path, stage: int, n: int, seed: int = 0) -> list[dict]:
+    """``n`` training rows drawn at random (fixed seed), as the training batches mix them."""
+    import numpy as np
     import pyarrow.parquet as pq
 
-    return pq.read_table(data / f"stage{stage}" / "train.parquet").slice(0, n).to_pylist()
+    table = pq.read_table(data / f"stage{stage}" / "train.parquet")
+    pick = np.random.default_rng(seed).choice(table.num_rows, size=min(n, table.num_rows), replace=False)
+    return table.take(pick).to_pylist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--data", help="built dataset folder (default: build one from the bundled data)")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--reuse", action="store_true", help="reuse finished runs found in --out")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"preset": args.preset, "steps": args.steps, "warmup": args.warmup,
                      "matmul_flops_per_s_1_thread": peak_1, "cpu_count": os.cpu_count(), "runs": {}}
 
-    chains = {w: run_chain(data, out, args.preset, args.steps, w) for w in args.workers}
+    chains = {}
+    for w in args.workers:
+        done = out / f"w{w}" / "stage2" / "model"
+        if args.reuse and done.is_dir():  # re-measure FLOPs / MoE timing on finished runs
+            chains[w] = {n: out / f"w{w}" / f"stage{n}" for n in range(3)}
+        else:
+            chains[w] = run_chain(data, out, args.preset, args.steps, w)
     from sepit.train.stage0 import Stage0JobConfig, Stage0Task, stage0_preset
     from sepit.train.stage1 import Stage1JobConfig, Stage1Task, stage1_preset
 
@@ -176,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg2 = load_config(Stage2JobConfig, overrides=[f"init={first[1]}"], base=stage2_preset(args.preset))
     fpt = {
-        0: flops_per_token(Stage0Task(cfg0), sample_rows(data, 0, 8)),
-        1: flops_per_token(Stage1Task(cfg1, str(first[1] / "tokenizer")), sample_rows(data, 1, 8)),
-        2: flops_per_token(Stage2Task(cfg2, str(first[1] / "model"), "ESM-1b"), sample_rows(data, 2, 8)),
+        0: flops_per_token(Stage0Task(cfg0), sample_rows(data, 0, 32)),
+        1: flops_per_token(Stage1Task(cfg1, str(first[1] / "tokenizer")), sample_rows(data, 1, 32)),
+        2: flops_per_token(Stage2Task(cfg2, str(first[1] / "model"), "ESM-1b"), sample_rows(data, 2, 32)),
     }
     results["flops_per_token"] = fpt
     for w, dirs in chains.items():
