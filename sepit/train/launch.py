@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sepit.config.base import save_yaml, to_dict
+from sepit.config.base import ConfigError, save_yaml, to_dict
 
 from .checkpoint import EXPORT_SUBDIR
 from .config import TrainConfig
@@ -72,6 +72,24 @@ def ensure_ray(cfg: TrainConfig) -> None:
     need = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 2
     init_ray(address=cfg.ray_address, num_cpus=None if (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
              else max(os.cpu_count() or 1, need))
+
+
+def _check_cpus_for_streaming(cfg: TrainConfig, dataset_dir: str | Path, data_stage: str) -> None:
+    """A split too big to materialise is read by Ray Data tasks *while* the workers hold their
+    CPUs; with no CPU left those tasks never start and training hangs.  Refuse that up front."""
+    import ray
+
+    from .data import split_path
+
+    streamed = [s for s in ("train", "val") if split_path(dataset_dir, data_stage, s).stat().st_size
+                > cfg.materialize_mb * 2**20]
+    free = ray.cluster_resources().get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker
+    if streamed and free < 1:
+        raise ConfigError(
+            f"{data_stage} {streamed} split(s) are larger than train.materialize_mb={cfg.materialize_mb} and are "
+            f"streamed by Ray Data tasks during training, but {cfg.num_workers} worker(s) x "
+            f"{cfg.cpus_per_worker} CPU leave {free:g} of the cluster's CPUs free; lower train.cpus_per_worker, "
+            f"raise train.materialize_mb, or start Ray with more (logical) CPUs")
 
 
 def _previous_run_id(out: Path, tracking_uri: str) -> str | None:
@@ -174,6 +192,7 @@ def run_training(
     ensure_ray(cfg)
     datasets, counts = training_datasets(dataset_dir, data_stage, seed=cfg.seed, columns=task.columns,
                                          materialize_mb=cfg.materialize_mb)
+    _check_cpus_for_streaming(cfg, dataset_dir, data_stage)
     if counts["train"] < cfg.num_workers:
         # Ray would hand some worker an empty shard; fail here instead of after the retries.
         raise EmptySplitError(f"{data_stage}/train.parquet in {dataset_dir} has {counts['train']} rows, fewer than "
