@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,6 +80,8 @@ def _tuner(cfg: SweepConfig, stage: Any, tracking_uri: str, run_id: str):
         param_space=cfg.space.to_tune(),
         tune_config=tune.TuneConfig(
             metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, scheduler=scheduler,
+            # One process per trial: a stopped trial's process ends (see _wait_for_trial_processes).
+            reuse_actors=False,
             # The generator caps concurrency itself (Tune ignores max_concurrent_trials beside it).
             search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials),
         ),
@@ -106,10 +109,36 @@ def _release_after_sweep(timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
+def _wait_for_trial_processes(rows: list[dict[str, Any]], out: Path, timeout_s: float = 60.0) -> None:
+    """Wait (bounded) until the Tune actors that ran unfinished trials are dead.
+
+    ``Tuner.fit()`` can return while a stopped trial's process is still unwinding; that process
+    may still write its ``trial.json`` and end the stage's MLflow run as FAILED when its Ray Train
+    run is torn down, which would land after (and overwrite) what the driver settles next."""
+    import time
+
+    from ray._private.state import actors
+
+    from .trial import read_trial_file
+
+    deadline = time.monotonic() + timeout_s
+    for row in rows:
+        if row["status"] == "TERMINATED":
+            continue
+        actor_id = (read_trial_file(out / "trials" / str(row["trial_id"])) or {}).get("actor_id")
+        while actor_id and (actors(actor_id=actor_id) or {}).get("State", "DEAD") != "DEAD":
+            if time.monotonic() > deadline:
+                warnings.warn(f"trial {row['trial_id']}: its process was still alive {timeout_s:.0f} s after the "
+                              "sweep ended; its files and MLflow run status may still change", stacklevel=2)
+                break
+            time.sleep(0.2)
+
+
 def _close_trial_runs(rows: list[dict[str, Any]], tracking_uri: str) -> None:
     """A trial stopped by the scheduler leaves its MLflow run RUNNING (process ended) or FAILED
-    (its stage saw the workers vanish first): mark it KILLED.  A failed trial whose process died
-    before its run could close is marked FAILED."""
+    (its stage saw the workers vanish first): mark it KILLED (called once the trial's process is
+    gone, see :func:`_wait_for_trial_processes`).  A failed trial whose process died before its
+    run could close is marked FAILED."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -169,6 +198,7 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict[str,
         grid = _tuner(cfg, stages[0], uri, run_id).fit()
         _release_after_sweep()
         rows = trial_rows(grid, param_keys, cfg.metric, out)
+        _wait_for_trial_processes(rows, out)
         attach_trial_files(rows, out)
         _close_trial_runs(rows, uri)
         rows = sort_rows(rows, cfg.mode)

@@ -69,6 +69,7 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
 def run_trial(params: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     """Tune function trainable.  ``params`` = this trial's sampled values (see sepit.tune.space);
     ``sweep`` = {config: SweepConfig, tracking_uri, parent_run_id}."""
+    import ray
     from ray import tune
 
     from sepit.config.base import from_dict
@@ -85,8 +86,11 @@ def run_trial(params: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     stage_cfg = from_dict(Stage2JobConfig, trial_stage_dict(
         cfg, params, output_dir=str(trial_dir), run_name=f"stage2-{trial_id}",
         tracking_uri=sweep["tracking_uri"], parent_run_id=sweep["parent_run_id"]))
+    # The actor id lets the sweep driver wait for this process to be gone before it settles the
+    # MLflow run's final status (a stopped trial may still be closing its run as FAILED).
     record: dict[str, Any] = {"trial_id": trial_id, "params": params, "status": "RUNNING",
                               "output_dir": str(trial_dir), "tune_dir": ctx.get_trial_dir(),
+                              "actor_id": ray.get_runtime_context().get_actor_id(),
                               "started": time.time()}
     write_trial_file(trial_dir, record)
 
