@@ -160,7 +160,8 @@ def test_bertscore_matches_the_bert_score_package(pairs, text_metrics):
 
 def test_scores_are_x100_per_sample(pairs, ours):
     for k, v in ours.items():
-        assert v.shape == (len(pairs[0]),) and ((v >= 0) & (v <= 100 + 1e-6)).all(), k
+        # float32 cosine of identical embeddings can read 1 + 5e-8 (CI saw 100.000005), as in bert_score
+        assert v.shape == (len(pairs[0]),) and ((v >= 0) & (v <= 100 + 1e-4)).all(), k
     assert ours["rougeL"][0] == pytest.approx(100.0) and ours["bertscore_f1"][0] == pytest.approx(100.0, abs=1e-3)
 
 
