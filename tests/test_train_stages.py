@@ -11,11 +11,7 @@ model's (``eval_at_start``).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,7 @@ import pytest
 from sepit.config.base import ConfigError, load_config
 from sepit.train.stage2 import Stage2JobConfig, stage2_preset
 from sepit.train.step_log import read_step_log
-from test_preprocess_job_submit import _free_ports, _stop, _wait_for_dashboard  # head-node helpers
+from ray_head import RAY_CLI, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -37,6 +33,26 @@ def test_stage2_refuses_zero3_at_config_time(capsys):
     # The command fails before touching Ray, data or MLflow, with a one-line reason.
     assert main(["stage2", "--init", "/nonexistent", "train.zero_stage=3"]) == 2
     assert "DeepSpeed does not support under ZeRO-3" in capsys.readouterr().err
+
+
+def test_zero3_with_structure_bias_is_refused_with_a_reason(tmp_path, capsys):
+    from sepit.train.stage0 import Stage0JobConfig, stage0_preset
+    from sepit.train.stage1 import Stage1JobConfig, stage1_preset, run_stage1
+
+    for cls, base in ((Stage0JobConfig, stage0_preset("tiny")), (Stage1JobConfig, stage1_preset("tiny"))):
+        with pytest.raises(ConfigError, match=r"train.zero_stage=3: ZeRO-3 is not supported for an encoder with the 3D structure bias"):
+            load_config(cls, overrides=["train.zero_stage=3"], base=base)
+        # a sequence-only encoder may use ZeRO-3
+        load_config(cls, overrides=["train.zero_stage=3", "model.encoder.use_structure=false"], base=base)
+    # stage 1 from a folder: the folder's encoder decides, before any Ray or data work
+    from sepit.models.encoder import EncoderConfig, ProteinEncoder
+
+    ProteinEncoder(EncoderConfig.preset("tiny")).save_pretrained(tmp_path / "enc")
+    cfg = load_config(Stage1JobConfig, overrides=[f"model.encoder_path={tmp_path / 'enc'}", "train.zero_stage=3",
+                                                  f"train.output_dir={tmp_path / 'out'}"], base=stage1_preset("tiny"))
+    with pytest.raises(ConfigError, match="3D structure bias"):
+        run_stage1(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +92,6 @@ def test_three_stages_as_ray_jobs_learn_and_record_lineage(dataset, tmp_path):
     parent = MlflowClient(tracking).create_run(mlflow.create_experiment("sepit", artifact_location=(tmp_path / "art").as_uri()),
                                                run_name="pipeline").info.run_id
 
-    bin_dir = Path(sys.executable).parent
-    ray_cli = str(bin_dir / "ray")
-    gcs, dash, nm, om, agent_http, agent_grpc, runtime_env, metrics, client = _free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "head.log"
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}",
-         "--object-store-memory=200000000", "--disable-usage-stats"],
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
     out = {n: tmp_path / f"stage{n}" for n in range(3)}
     # The uploaded working dir has no .git: the submitter passes the commit for the lineage.
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -101,30 +100,27 @@ def test_three_stages_as_ray_jobs_learn_and_record_lineage(dataset, tmp_path):
                  "train.eval_at_start=true", "train.max_failures=0"]
     stage_args = {  # (options, overrides)
         0: ([], []),
-        1: (["--init", None], []),  # filled with stage 0's MLflow run id
+        # stage 1 on 2 ranks with ZeRO-2 (encoder trained): a rank whose batch has no structure
+        # still gives the structure bias a (zero) gradient, or the ranks' reduce buckets differ
+        1: (["--init", None], ["train.num_workers=2", "train.zero_stage=2"]),  # --init: stage 0's MLflow run id
         2: (["--init", str(out[1])], ["train.num_workers=2", "train.zero_stage=2"]),
     }
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        _wait_for_dashboard(address, head, log)
+    with ray_head(tmp_path / "head.log", num_cpus=4, object_store_bytes=200_000_000) as head:
         for n in range(3):
             stage_options, stage_overrides = stage_args[n]
             if n == 1:
                 stage_options = ["--init", json.loads((out[0] / "mlflow_run.json").read_text())["run_id"]]
             job = subprocess.run(
-                [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO),
+                [RAY_CLI, "job", "submit", "--address", head.address, "--working-dir", str(REPO),
                  "--runtime-env-json", json.dumps({"env_vars": {"SEPIT_GIT_COMMIT": commit}}), "--",
                  "python", f"jobs/stage{n}.py", "--preset", "tiny", "--out", str(out[n]), *options, *stage_options,
                  *overrides, *stage_overrides],
-                env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+                env=head.env, cwd=REPO, capture_output=True, text=True, timeout=600,
             )
             output = job.stdout + job.stderr
             assert job.returncode == 0 and "succeeded" in output, output[-5000:]
             assert "Started a local Ray instance" not in output  # the job joined the head node
             assert f"sepit stage{n}: done" in output
-    finally:
-        _stop(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
     client = MlflowClient(tracking)
     runs = {}

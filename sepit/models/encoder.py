@@ -220,6 +220,16 @@ class ProteinEncoder(nn.Module):
             sb = self.structure_bias(coords, coord_mask)
             x = x + sb.edge_embedding.to(x.dtype)
             attn_bias = sb.attn_bias.to(x.dtype)  # [B, H, L, L]
+        elif self.structure_bias is not None:
+            # A batch without coordinates still calls the bias module (on a 2-residue input with
+            # nothing valid: exactly zero here), so every data-parallel rank calls the same
+            # modules in the same order whatever its batch holds: ZeRO-3 gathers parameters by
+            # module call (in training and in no-grad validation alike; a rank skipping the call
+            # leaves the others waiting in the gather), and the gradient reducers expect a
+            # gradient for every trainable parameter.
+            dummy = self.structure_bias(x.new_zeros(1, 2, 3, dtype=torch.float32),
+                                        torch.zeros(1, 2, dtype=torch.bool, device=x.device))
+            x = x + 0.0 * (dummy.attn_bias.sum() + dummy.edge_embedding.sum()).to(x.dtype)
         x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
 
         if padding_mask.any():

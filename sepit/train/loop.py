@@ -26,7 +26,12 @@ from .checkpoint import (EXPORT_SUBDIR, TrainerState, has_export, load_checkpoin
                          save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .data import EpochFeeder, ValidationRows
-from .deepspeed_config import build_deepspeed_config, resolve_device, resolve_precision
+from .deepspeed_config import (
+    build_deepspeed_config,
+    check_zero3_structure_bias,
+    resolve_device,
+    resolve_precision,
+)
 from .schedule import build_scheduler
 from .step_log import StepLog
 from .task import TrainTask, to_device
@@ -127,6 +132,10 @@ def _build_engine(task: TrainTask, cfg: TrainConfig, precision: str):
     import deepspeed
 
     model = task.build_model()
+    from sepit.models.structure_bias import StructureBias
+
+    # Job configs refuse this early; the check here also covers an --init folder's encoder.
+    check_zero3_structure_bias(cfg.zero_stage, any(isinstance(m, StructureBias) for m in model.modules()))
     scalars = promote_scalar_parameters(model)
     groups = task.param_groups(model, cfg.lr)
     _check_groups(model, groups)
