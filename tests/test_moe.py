@@ -22,15 +22,8 @@ QA = [("What does <protein> do?", "It hydrolyses NAD(+)."),
       ("Where is this protein found?", "Cytoplasm."),
       ("Is <protein> an enzyme?", "Yes")]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~5x faster than two spinning against busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def process_group():

@@ -22,15 +22,8 @@ QA = [
     ("Is <protein> an enzyme? Answer yes or no.", "Yes"),
 ]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~5x faster than two spinning against busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def model():

@@ -8,12 +8,11 @@ rejected rather than guessed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, Optional
 
 from sepit.data.annotations import AnnotationFormatError, QAItem
-from sepit.data.readers.text_io import numbered_lines, report
+from sepit.data.readers.text_io import read_json_lines
 
 #: task_type -> (task, category)
 TASK_TYPES = {
@@ -85,18 +84,4 @@ def parse_qa_row(path: str, no: int, row: object) -> QAItem:
 
 def read_qa_jsonl(path: str | Path, errors: Optional[list] = None) -> Iterator[QAItem]:
     path = str(path)
-    n = 0
-    for no, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        n += 1
-        try:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnnotationFormatError(path, no, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
-            yield parse_qa_row(path, no, row)
-        except AnnotationFormatError as exc:
-            report(errors, exc)
-    if n == 0:
-        report(errors, AnnotationFormatError(path, None, "no records"))
+    return read_json_lines(path, errors, lambda no, row: [parse_qa_row(path, no, row)])

@@ -11,14 +11,13 @@ also carry ``task``/``category``/``choices``/``answer_letter``; without them the
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from sepit.data.annotations import CATEGORIES, TASKS, AnnotationFormatError, QAItem
 from sepit.data.questions import CAPTION_QUESTION, choice_letter
-from sepit.data.readers.text_io import numbered_lines, report
+from sepit.data.readers.text_io import read_json_lines
 
 SOURCE = "sepit_reference"
 
@@ -87,30 +86,20 @@ def _item(path, no, row, stage, question, answer, turn) -> QAItem:
 def read_reference_jsonl(path: str | Path, errors: Optional[list] = None) -> Iterator[QAItem]:
     path = str(path)
     stage = stage_of(path)
-    n = 0
-    for no, line in numbered_lines(path):
-        if not line.strip():
-            continue
-        n += 1
-        try:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnnotationFormatError(path, no, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
-                raise AnnotationFormatError(path, no, "record needs a non-empty string 'id'")
-            if "caption" in row:
-                if not isinstance(row["caption"], str) or not row["caption"].strip():
-                    raise AnnotationFormatError(path, no, "'caption' must be a non-empty string")
-                yield _item(path, no, {**row, "task": row.get("task", "caption")}, stage if stage < 2 else 0,
-                            row.get("question") or CAPTION_QUESTION, row["caption"], None)
-            elif "conversation" in row:
-                pairs = _conversation_pairs(path, no, row["conversation"])
-                for turn, (question, answer) in enumerate(pairs):
-                    yield _item(path, no, row, stage, question, answer, turn)
-            else:
-                raise AnnotationFormatError(path, no, "record has neither 'caption' nor 'conversation'")
-        except AnnotationFormatError as exc:
-            report(errors, exc)
-    if n == 0:
-        report(errors, AnnotationFormatError(path, None, "no records"))
+
+    def parse(no: int, row: Any) -> Iterator[QAItem]:
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not row["id"]:
+            raise AnnotationFormatError(path, no, "record needs a non-empty string 'id'")
+        if "caption" in row:
+            if not isinstance(row["caption"], str) or not row["caption"].strip():
+                raise AnnotationFormatError(path, no, "'caption' must be a non-empty string")
+            yield _item(path, no, {**row, "task": row.get("task", "caption")}, stage if stage < 2 else 0,
+                        row.get("question") or CAPTION_QUESTION, row["caption"], None)
+        elif "conversation" in row:
+            pairs = _conversation_pairs(path, no, row["conversation"])
+            for turn, (question, answer) in enumerate(pairs):
+                yield _item(path, no, row, stage, question, answer, turn)
+        else:
+            raise AnnotationFormatError(path, no, "record has neither 'caption' nor 'conversation'")
+
+    return read_json_lines(path, errors, parse)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+
+T = TypeVar("T")
 
 from sepit.data.annotations import AnnotationFormatError
 
@@ -52,3 +55,29 @@ def report(errors: Optional[list], error: AnnotationFormatError) -> None:
     if errors is None:
         raise error
     errors.append(error)
+
+
+def read_json_lines(path: str | Path, errors: Optional[list],
+                    parse: Callable[[int, Any], Iterable[T]]) -> Iterator[T]:
+    """Items of a JSON-lines file: ``parse(line number, decoded record)`` gives each record's
+    items.  A line that is not JSON, or that ``parse`` rejects with an AnnotationFormatError, is
+    reported (see :func:`report`) as a whole, with none of its items; blank lines are skipped; a
+    file without records is an error too."""
+    path = str(path)
+    n = 0
+    for no, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        n += 1
+        try:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise AnnotationFormatError(path, no, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+            items = list(parse(no, row))
+        except AnnotationFormatError as exc:
+            report(errors, exc)
+            continue
+        yield from items
+    if n == 0:
+        report(errors, AnnotationFormatError(path, None, "no records"))
