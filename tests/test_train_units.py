@@ -139,3 +139,34 @@ def test_epoch_feeder_resumes_mid_epoch_and_prefetches_the_same_batches(ray_loca
     ahead = feeder(prefetch=3)
     assert [ahead.next_batch()["ids"] for _ in range(32)] == full
     ahead.close()
+
+
+def test_capped_validation_spans_all_lengths_and_ranks_agree(ray_local):
+    import ray
+
+    from sepit.train.data import ValidationRows
+
+    class Task:
+        def row_length(self, row):
+            return row["n"]
+
+        def collate(self, rows, train):
+            return {"n": [r["n"] for r in rows]}
+
+    rng = np.random.default_rng(0)
+    items = [{"n": int(n)} for n in rng.integers(1, 1000, size=203)]
+    ds = ray.data.from_items(items)
+    per_rank = []
+    for rank in range(2):
+        val = ValidationRows(ds.iterator(), Task(), n_rows=len(items), rank=rank, world=2)
+        full = [n for b in val.batches(4) for n in b["n"]]
+        capped = [b["n"] for b in val.batches(4, max_batches=5)]
+        assert len(full) == 101 and len(capped) == 5 and all(len(b) == 4 for b in capped)
+        flat = [n for b in capped for n in b]
+        assert flat == sorted(flat) and set(flat) <= set(full)
+        # the cap keeps the length range: shortest row in, and rows from the longest tenth too
+        assert flat[0] == min(full) and flat[-1] >= sorted(full)[90]
+        assert [b["n"] for b in val.batches(4, max_batches=5)] == capped  # same rows every time
+        assert len(list(val.batches(4, max_batches=100))) == 26  # a cap above the shard is no cap
+        per_rank.append(len(capped))
+    assert per_rank[0] == per_rank[1]

@@ -257,10 +257,14 @@ class ValidationRows:
         return self._rows
 
     def batches(self, micro_batch_size: int, max_batches: int = 0) -> Iterator[dict[str, Any]]:
+        """Length-bucketed validation batches; ``max_batches`` caps them with rows taken evenly
+        across the length-sorted rows (the same rows every time, the full length range, not
+        just the shortest ones)."""
         rows = self.rows()
+        keep = max_batches * micro_batch_size
+        if max_batches and len(rows) > keep:
+            rows = [rows[(i * len(rows)) // keep] for i in range(keep)]
         starts = range(0, len(rows), micro_batch_size)
-        if max_batches:
-            starts = starts[:max_batches]
         for s in starts:
             with COLLATE_LOCK:
                 batch = self.task.collate(rows[s : s + micro_batch_size], train=False)
