@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
-T = TypeVar("T")
-
 from sepit.data.annotations import AnnotationFormatError
+
+T = TypeVar("T")
 
 
 def strip_gz(name: str) -> str:
