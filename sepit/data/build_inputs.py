@@ -3,18 +3,25 @@
 :class:`InputLedger` is what makes the dataset card's counts reconcile: every record a reader
 yields (or rejects) is registered once, and at the end it is either *used* (at least one
 instruction record came from it) or *skipped* with the first reason that stopped it.
+
+Whole-file findings that a per-record reason does not convey (how many STRING ids an aliases
+file left ambiguous; how many Mol-Instructions records per task name were not used) are written
+as one ``warning:`` line each to stderr (straight to the console: a library logger would be
+routed to a log file during a ``sepit`` command) and kept in :attr:`InputLedger.notes`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from sepit.data.annotations import AnnotationFormatError, InputRecord
-from sepit.data.readers import load_id_map, parse_annotation_arg, read_annotations
-from sepit.data.readers.tables import IdMapping
+from sepit.data.readers import load_id_map, merge_id_maps, parse_annotation_arg, read_annotations
+from sepit.data.readers.id_maps import IdMapping
+from sepit.data.readers.mol_instructions import unused_task_counts
 from sepit.resources import DATA_DIR
 
 Key = tuple[str, str]  # (source file, record locator)
@@ -51,6 +58,12 @@ class InputLedger:
     used: set[Key] = field(default_factory=set)
     reasons: dict[Key, tuple[str, str]] = field(default_factory=dict)
     """record -> (stage, reason): the first reason recorded."""
+    notes: list[str] = field(default_factory=list)
+    """Whole-file warnings (id maps, Mol-Instructions tasks not used, with counts per name)."""
+
+    def note(self, line: str) -> None:
+        self.notes.append(line)
+        print(f"warning: {line}", file=sys.stderr, flush=True)
 
     def register(self, key: Key, accession: Optional[str] = None) -> None:
         self.seen.setdefault(key, accession)
@@ -80,15 +93,25 @@ class InputLedger:
         return {f: {"records": c["records"], "used": c["used"], "skipped": c["skipped"]} for f, c in counts.items()}
 
 
-def load_id_maps(paths: list[str]) -> dict[str, IdMapping]:
-    merged: dict[str, IdMapping] = {}
-    for p in paths:
-        merged.update(load_id_map(p))
-    return merged
+class IdMap(dict):
+    """id -> :class:`IdMapping`, with the maps' summary lines (``notes``) for the ledger."""
+
+    def __init__(self, mappings: dict[str, IdMapping], notes: list[str]):
+        super().__init__(mappings)
+        self.notes = notes
+
+
+def load_id_maps(paths: list[str]) -> IdMap:
+    """All id maps merged field by field (e.g. STRING aliases -> accession + sequences -> sequence)."""
+    notes: list[str] = []
+    merged = merge_id_maps((load_id_map(p, notes) for p in paths), notes)
+    return IdMap(merged, notes)
 
 
 def read_inputs(annotation_args: list[str], id_map: dict[str, IdMapping], ledger: InputLedger) -> list[InputRecord]:
     """Every record of every annotation file; malformed ones go to the ledger as skipped."""
+    for line in getattr(id_map, "notes", ()):
+        ledger.note(line)
     out: list[InputRecord] = []
     for arg in annotation_args:
         fmt, path = parse_annotation_arg(arg)
@@ -102,4 +125,8 @@ def read_inputs(annotation_args: list[str], id_map: dict[str, IdMapping], ledger
             errors.append(exc)
         for err in errors:
             ledger.skip((path, err.record), "read", err.reason)
+        unused = unused_task_counts(errors)
+        if unused:
+            per_task = ", ".join(f"{task!r}: {n}" for task, n in sorted(unused.items()))
+            ledger.note(f"{path}: Mol-Instructions records skipped by task (not used or unknown): {per_task}")
     return out

@@ -5,9 +5,11 @@ Every reader yields :class:`~sepit.data.annotations.ProteinAnnotation` or
 :class:`~sepit.data.annotations.AnnotationFormatError` (file, line/record, reason) on malformed
 input; given an ``errors`` list it collects the errors instead and keeps reading.
 
-Formats (``FORMATS``): ``uniprot-text``, ``uniprot-xml``, ``string`` (STRING-like TSV),
+Formats (``FORMATS``): ``uniprot-text``, ``uniprot-xml``, ``string`` (STRING ``protein.info``-like TSV),
 ``labelled-fasta`` (DeepLoc), ``qa-jsonl``, ``reference-jsonl``, ``mol-instructions``.
-:func:`detect_format` picks one from the file name and its first line.
+:func:`detect_format` picks one from the file name and its first line.  Id maps for tables
+(our derived JSONL, STRING's ``protein.aliases`` / ``protein.sequences``) are read by
+:func:`load_id_map` (:mod:`sepit.data.readers.id_maps`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ from sepit.data.readers.fasta_labels import read_labelled_fasta
 from sepit.data.readers.mol_instructions import read_mol_instructions
 from sepit.data.readers.qa_jsonl import read_qa_jsonl
 from sepit.data.readers.reference_jsonl import read_reference_jsonl
-from sepit.data.readers.tables import STRING_SPEC, IdMapping, load_id_map, read_annotation_table
-from sepit.data.readers.text_io import read_text, strip_gz
+from sepit.data.readers.id_maps import IdMapping, load_id_map, merge_id_maps
+from sepit.data.readers.string_ids import is_aliases_header
+from sepit.data.readers.tables import STRING_SPEC, read_annotation_table
+from sepit.data.readers.text_io import numbered_lines, strip_gz
 from sepit.data.readers.uniprot import read_uniprot_text, read_uniprot_xml
 
 FORMATS = ("uniprot-text", "uniprot-xml", "string", "labelled-fasta", "qa-jsonl", "reference-jsonl",
            "mol-instructions")
 
-__all__ = ["FORMATS", "detect_format", "read_annotations", "load_id_map", "IdMapping", "parse_annotation_arg"]
+__all__ = ["FORMATS", "detect_format", "read_annotations", "load_id_map", "merge_id_maps", "IdMapping",
+           "parse_annotation_arg"]
 
 
 def parse_annotation_arg(arg: str) -> tuple[Optional[str], str]:
@@ -40,7 +45,7 @@ def parse_annotation_arg(arg: str) -> tuple[Optional[str], str]:
 
 
 def _first_line(path: str) -> str:
-    for line in read_text(path).splitlines():
+    for _no, line in numbered_lines(path):  # streamed: annotation files can be gigabytes
         if line.strip():
             return line.strip()
     return ""
@@ -51,6 +56,10 @@ def detect_format(path: str | Path) -> str:
     path = str(path)
     name = strip_gz(Path(path).name).lower()
     suffix = name.rsplit(".", 1)[-1] if "." in name else ""
+    if "protein.aliases" in name or "protein.sequences" in name or is_aliases_header(_first_line(path)):
+        raise AnnotationFormatError(
+            path, None, "this is a STRING id file (protein.aliases / protein.sequences), not annotations: "
+            "give it as an id map (--id-maps), with protein.info as the annotation file")
     if suffix == "xml":
         return "uniprot-xml"
     if suffix in ("fasta", "fa", "faa"):

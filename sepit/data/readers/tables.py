@@ -2,9 +2,11 @@
 
 A :class:`TableSpec` says which column holds the protein id and which columns hold text of
 which category.  Tables rarely carry UniProt accessions or sequences (STRING names proteins
-``272561.CT_001``), so an *id map* (:func:`load_id_map`) translates the table's ids to
+``272561.CT_001``), so an *id map* (:mod:`sepit.data.readers.id_maps`: our derived JSONL, or
+STRING's own ``protein.aliases`` and ``protein.sequences``) translates the table's ids to
 accessions and, where it knows them, sequences.  A row whose id the map does not know keeps
-``accession=None``; the builder then reports it as skipped.
+``accession=None``; the builder then reports it as skipped.  A row whose id the map holds as
+ambiguous (several accessions) is rejected with the candidates named.
 
 Function text in UniProt style often ends with ``Belongs to the X family.``; that sentence is
 moved to the family category.  Placeholder text (``Hypothetical protein.``) is dropped.
@@ -12,16 +14,14 @@ moved to the family category.  Placeholder text (``Hypothetical protein.``) is d
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 from sepit.data.annotations import AnnotationFormatError, ProteinAnnotation, clean_text
-from sepit.data.readers.text_io import read_text, report, strip_gz
+from sepit.data.readers.id_maps import ID_KEYS, IdMapping, load_id_map  # noqa: F401 (re-exported)
+from sepit.data.readers.text_io import read_text, report
 
 _UNINFORMATIVE = re.compile(
     r"^(?:(?:conserved |putative )?(?:hypothetical|uncharacteri[sz]ed)(?: conserved)? protein"
@@ -55,61 +55,6 @@ STRING_SPEC = TableSpec(
     length_column="protein_size",
     source="string",
 )
-
-
-@dataclass(frozen=True)
-class IdMapping:
-    accession: str
-    sequence: Optional[str] = None
-
-
-ID_KEYS = ("string_id", "external_id", "id")
-
-
-def load_id_map(path: str | Path) -> dict[str, IdMapping]:
-    """Read an id -> accession (+ sequence) map.
-
-    Accepted layouts: JSON lines with ``accession`` and one of ``string_id``/``external_id``/``id``
-    (and optionally ``sequence``), e.g. the bundled ``derived/proteins.jsonl``; or a CSV/TSV with
-    a header holding ``accession`` and one of those id columns.
-    """
-    path = str(path)
-    text = read_text(path)
-    out: dict[str, IdMapping] = {}
-    name = strip_gz(Path(path).name)
-    if name.endswith(".jsonl") or name.endswith(".json"):
-        for no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AnnotationFormatError(path, no, f"not valid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise AnnotationFormatError(path, no, "expected a JSON object per line")
-            _add_mapping(out, row, path, no)
-        return out
-    delimiter = "\t" if "\t" in text.split("\n", 1)[0] else ","
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    if not reader.fieldnames or "accession" not in reader.fieldnames:
-        raise AnnotationFormatError(path, 1, "id map header must have an 'accession' column")
-    for no, row in enumerate(reader, start=2):
-        _add_mapping(out, row, path, no)
-    return out
-
-
-def _add_mapping(out: dict[str, IdMapping], row: Mapping, path: str, no: int) -> None:
-    accession = row.get("accession")
-    if not accession:
-        return  # rows of other kinds in a mixed index (e.g. proteins without accession)
-    seq = row.get("sequence") or None
-    for key in ID_KEYS:
-        ext = row.get(key)
-        if ext:
-            prev = out.get(ext)
-            if prev is not None and prev.accession != accession:
-                raise AnnotationFormatError(path, no, f"id {ext!r} maps to both {prev.accession} and {accession}")
-            out[ext] = IdMapping(accession, seq.upper() if isinstance(seq, str) else None)
 
 
 def split_function_text(text: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -169,6 +114,10 @@ def _parse_row(path, no, cells, header, col, spec: TableSpec, id_map) -> Protein
     accession = get(spec.accession_column) or None
     sequence = get(spec.sequence_column).upper() or None
     mapped = id_map.get(ext_id) if id_map else None
+    if mapped is not None and mapped.candidates and not accession:
+        raise AnnotationFormatError(
+            path, no, f"{ext_id}: ambiguous in the id map ({mapped.source}): several UniProt accessions "
+            f"{', '.join(mapped.candidates)}; not guessed")
     if mapped is not None:
         accession = accession or mapped.accession
         sequence = sequence or mapped.sequence
