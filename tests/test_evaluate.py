@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sepit.evaluation.baselines import majority_baseline, nearest_neighbour_baseline
+from sepit.evaluation.baselines import constant_baseline, majority_baseline, nearest_neighbour_baseline
 from sepit.evaluation.examples import load_eval_data
 from sepit.evaluation.predictions import PredictionRecord, PredictionsStore
 from sepit.resources import data_path
@@ -134,7 +134,8 @@ def test_evaluate_resumes_and_reports(ray_local, dataset_dir, models, tmp_path, 
 
     # 3. metrics.json: every system, tasks with CIs, definitions stated.
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["systems"]) == {"model", "model_sequence_only", "compare_model", "majority", "nearest_neighbour"}
+    assert set(metrics["systems"]) == {"model", "model_sequence_only", "compare_model", "majority", "nearest_neighbour",
+                                       "constant"}
     model_tasks = metrics["systems"]["model"]["tasks"]
     assert set(model_tasks) == {"open", "yes_no", "multiple_choice"}
     rl = model_tasks["open"]["metrics"]["rougeL"]
@@ -142,15 +143,24 @@ def test_evaluate_resumes_and_reports(ray_local, dataset_dir, models, tmp_path, 
     assert "bleu4" in model_tasks["open"]["by_category"]["function"]["metrics"]
     assert metrics["systems"]["majority"]["tasks"].keys() == {"yes_no", "multiple_choice"}
     assert metrics["data"] == {"source": str(dataset_dir / "stage2" / "test.parquet"), "n_input": 10, "n_rejected": 1,
-                               "n_evaluated": 9, "n_with_structure": 4, "limit": None}
+                               "n_evaluated": 9, "n_sample": 9, "n_with_structure": 4, "limit": None}
     reject = json.loads((out / "rejects.jsonl").read_text())
     assert reject["id"] == LONG_ID and "2435 residues, above max_residues=1022" in reject["reason"]
-    assert metrics["structure_subset"]["n"] == len(STRUCTURES)
-    assert metrics["summary"]["yes_no accuracy"].startswith("model ") and "majority" in metrics["summary"]["yes_no accuracy"]
+    sl = metrics["structured_slice"]
+    assert sl["n"] == len(STRUCTURES) and set(sl["systems"]) >= {"model", "model_sequence_only"}
+    assert "model_sequence_only" in next(iter(sl["comparisons"].values()))
+    # Closed-set rows carry option likelihoods; generative and likelihood accuracy both reported.
+    yn = model_tasks["yes_no"]
+    assert yn["n_likelihood"] == yn["n"] and 0 <= yn["likelihood_accuracy"]["mean"] <= 100
+    assert all(p["option_logprob"] and len(p["option_logprob"]) == len(p["options"])
+               for p in preds if p["task"] in ("yes_no", "multiple_choice"))
+    line = next(v for k, v in metrics["summary"].items() if k.startswith("yes_no"))
+    assert line.startswith("model gen ") and " / lik " in line and "majority" in line
+    assert any(k.startswith("structured slice") for k in metrics["summary"])
     assert "tok:13a|smooth:exp" in metrics["metric_definitions"]["corpus_bleu"]["signature"]
     report = (out / "report.md").read_text()
     for text in ("### open", "### yes_no", "nearest neighbour", "model, structures dropped", "comparison model",
-                 "METEOR", "all-MiniLM-L6-v2", "## Proteins with a structure"):
+                 "METEOR", "all-MiniLM-L6-v2", "## Structured slice", "## Verdict", "likelihood accuracy"):
         assert text in report, text
     for png in ("metric_bars.png", "by_length.png", "structure.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
@@ -245,6 +255,8 @@ def test_baselines_answer_from_training_proteins():
     assert nn["e2"].prediction == "It represses transcription." and nn["e2"].extra["match"] == "category"
     maj = majority_baseline(train, evals)
     assert [r.id for r in maj] == ["e1"] and maj[0].prediction == "No"  # 2 of 3 training answers
+    const = {r.id: r.prediction for r in constant_baseline(train, evals)}
+    assert const == {"e1": "No", "e2": "It represses transcription."}  # one answer per task, whatever the row
 
 
 def test_reference_conversation_jsonl_takes_proteins_from_pdb_h5(tmp_path):

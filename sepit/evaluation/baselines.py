@@ -3,6 +3,8 @@
 * **Majority class** (closed-set tasks only): yes/no gets the training split's most frequent
   answer to the same question (else to the same category, else overall); multiple choice gets
   the option that was most often correct in training (ties: the first listed).
+* **Constant answer**: the training split's most frequent answer per task, for every row (the
+  floor for open questions: a model must say more than the commonest sentence).
 * **Nearest neighbour by sequence identity**: the answer that the most similar *training*
   protein has for the same question (for open questions, else for the same category); the
   honest bar, since annotation transfer by homology is what biologists do without a model.
@@ -87,6 +89,33 @@ def majority_baseline(train_rows: Sequence[dict], eval_rows: Sequence[dict]) -> 
             best = max(range(len(choices)), key=lambda i: (mc_correct.get(choices[i], 0), -i))
             out.append(_record(r, format_choice(option_letters(choices)[best], choices[best]), baseline="majority",
                                train_count=mc_correct.get(choices[best], 0)))
+    return out
+
+
+# --------------------------------------------------------------------------- constant answer
+def constant_baseline(train_rows: Sequence[dict], eval_rows: Sequence[dict]) -> list[PredictionRecord]:
+    """One fixed answer per task, whatever the protein and the question: the training split's most
+    frequent answer of that task (multiple choice: its most frequent correct letter, with this row's
+    option at that letter).  What a model that learned only the answer format would score."""
+    by_task: dict[str, Counter] = defaultdict(Counter)
+    for r in train_rows:
+        if r["task"] == "multiple_choice":
+            letter = gold_letter(r["answer"], r.get("choices"), r.get("answer_letter"))
+            if letter:
+                by_task["multiple_choice"][letter] += 1
+        else:
+            by_task[r["task"]][r["answer"].strip()] += 1
+    out = []
+    for r in eval_rows:
+        counts = by_task.get(r["task"])
+        if not counts:
+            out.append(_record(r, "", baseline="constant", level="no_training_answer"))
+            continue
+        answer = counts.most_common(1)[0][0]
+        if r["task"] == "multiple_choice":
+            letters = option_letters(r["choices"])
+            answer = format_choice(answer, r["choices"][letters.index(answer)]) if answer in letters else answer
+        out.append(_record(r, answer, baseline="constant"))
     return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from sepit.config.base import ConfigError, check_range
 from sepit.evaluation.examples import protein_tuple
+from sepit.evaluation.likelihood import closed_set_options
 from sepit.evaluation.predictions import PredictionRecord, PredictionsStore
 
 
@@ -46,6 +47,10 @@ class GenerationConfig:
     """Cut proteins longer than the model's max_residues (else such rows are rejected)."""
     max_batches: int | None = None
     """Stop after this many batches (smoke runs; a rerun resumes the rest)."""
+    likelihood: bool = True
+    """Also score every option of closed-set rows by its log-likelihood (``sepit.evaluation.likelihood``)."""
+    likelihood_rows: int = 32
+    """Prompt+option rows per LLM forward when scoring options."""
 
     def __post_init__(self) -> None:
         check_range(self.max_new_tokens, "generation.max_new_tokens", lo=1)
@@ -127,12 +132,29 @@ class ModelReplica:
         texts = [self.model.tokenizer.decode(row, skip_special_tokens=True) for row in out_ids]
         for s in self.cfg.stop:
             texts = [t.split(s, 1)[0] for t in texts]
+        # Open rows carry empty lists (one typed Arrow column, as for missing coordinates).
+        logprob = np.empty(len(texts), dtype=object)
+        n_tokens = np.empty(len(texts), dtype=object)
+        for i in range(len(texts)):
+            logprob[i], n_tokens[i] = [], []
+        closed = [i for i, o in enumerate(batch["options"]) if len(o) >= 2] if self.cfg.likelihood else []
+        if closed:
+            from sepit.evaluation.likelihood import score_options
+
+            scores = score_options(self.model, [str(batch["question"][i]) for i in closed], [proteins[i] for i in closed],
+                                   [[str(x) for x in batch["options"][i]] for i in closed],
+                                   max_rows=self.cfg.likelihood_rows, truncate=self.cfg.truncate)
+            for i, sc in zip(closed, scores):
+                logprob[i], n_tokens[i] = sc.logprob, sc.n_tokens
         return {
             "task_name": batch["task_name"],
             "id": batch["id"],
             "prediction": np.asarray([t.strip() for t in texts], dtype=object),
             "n_new_tokens": np.asarray([len(r) for r in out_ids], dtype=np.int64),
             "structure_used": np.asarray([p[1] is not None for p in proteins], dtype=bool),
+            "options": np.asarray([[str(x) for x in o] for o in batch["options"]] + [None], dtype=object)[:-1],
+            "option_logprob": logprob,
+            "option_tokens": n_tokens,
         }
 
 
@@ -156,14 +178,31 @@ def unusable_rows(rows: Sequence[dict], model_dir: str, truncate: bool = False) 
     return bad
 
 
-def _record(row: dict, prediction: str, n_new: int, structure_used: bool) -> PredictionRecord:
+def _record(row: dict, prediction: str, n_new: int, structure_used: bool, options: list[str] | None = None,
+            logprob=None, n_tokens=None) -> PredictionRecord:
+    scored = options is not None and logprob is not None and len(logprob) == len(options)
     return PredictionRecord(
         id=row["id"], task=row["task"], category=row.get("category") or "other", question=row["question"],
         reference=row["answer"], prediction=prediction, protein_id=row.get("protein_id"),
         structure_used=bool(structure_used), accession=row.get("accession"), length=len(row["sequence"]),
         choices=list(row["choices"]) if row.get("choices") is not None else None,
         answer_letter=row.get("answer_letter"), n_new_tokens=int(n_new),
+        options=list(options) if scored else None,
+        option_logprob=[float(x) for x in logprob] if scored else None,
+        option_tokens=[int(x) for x in n_tokens] if scored else None,
     )
+
+
+def replica_item(task: GenerationTask, row: dict, likelihood: bool = True) -> dict[str, Any]:
+    """What a replica receives for one row: the question, the protein and, for closed-set rows,
+    the option texts to score.  The gold answer never travels (it is looked up by id later)."""
+    return {
+        "task_name": task.name, "id": row["id"], "question": row["question"], "sequence": row["sequence"],
+        "coords": [float(x) for x in row.get("coords") or []],
+        "coord_mask": [bool(x) for x in row.get("coord_mask") or []],
+        "drop_structure": bool(task.drop_structure),
+        "options": (closed_set_options(row["task"], row.get("choices")) or []) if likelihood else [],
+    }
 
 
 def generate_predictions(
@@ -195,12 +234,7 @@ def generate_predictions(
             if r["id"] in done:
                 counts[t.name]["resumed"] += 1
                 continue
-            items.append({
-                "task_name": t.name, "id": r["id"], "question": r["question"], "sequence": r["sequence"],
-                "coords": [float(x) for x in r.get("coords") or []],
-                "coord_mask": [bool(x) for x in r.get("coord_mask") or []],
-                "drop_structure": bool(t.drop_structure),
-            })
+            items.append(replica_item(t, r, config.likelihood))
     items.sort(key=lambda it: len(it["sequence"]))  # similar lengths batch together: less padding
     total = sum(len(t.rows) for t in tasks)
     n_done = total - len(items)
@@ -221,9 +255,12 @@ def generate_predictions(
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             groups: dict[str, list[PredictionRecord]] = {}
-            for name, i, p, n, s in zip(batch["task_name"], batch["id"], batch["prediction"],
-                                        batch["n_new_tokens"], batch["structure_used"]):
-                groups.setdefault(str(name), []).append(_record(by_key[(str(name), str(i))], str(p), int(n), bool(s)))
+            for name, i, p, n, s, opts, lp, nt in zip(
+                    batch["task_name"], batch["id"], batch["prediction"], batch["n_new_tokens"],
+                    batch["structure_used"], batch["options"], batch["option_logprob"], batch["option_tokens"]):
+                groups.setdefault(str(name), []).append(_record(
+                    by_key[(str(name), str(i))], str(p), int(n), bool(s),
+                    [str(x) for x in opts] if len(opts) else None, lp, nt))
                 counts[str(name)]["tokens"] += int(n)
             for name, recs in groups.items():
                 by_task[name].store.write_part(recs)

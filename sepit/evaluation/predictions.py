@@ -47,6 +47,12 @@ class PredictionRecord:
     answer_letter: str | None = None
     n_new_tokens: int | None = None
     """Generated tokens (LLM tokenizer) for this answer, when the generator reports it."""
+    options: list[str] | None = None
+    """Closed-set rows scored by likelihood: the option texts, in order (``sepit.evaluation.likelihood``)."""
+    option_logprob: list[float] | None = None
+    """Per option: summed log-probability of its tokens and the end token given the prompt."""
+    option_tokens: list[int] | None = None
+    """Per option: the number of scored tokens."""
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from sepit.evaluation.scoring import CLOSED_TASKS, TASK_ORDER
+from sepit.evaluation.verdict import verdict
 
 PLOT_DIR = "plots"
 HEADLINE_OPEN = ("bleu4", "rougeL", "meteor", "bertscore_f1")
@@ -26,6 +27,7 @@ SYSTEM_LABELS = {
     "compare_model": "comparison model",
     "majority": "majority class",
     "nearest_neighbour": "nearest neighbour (seq. identity)",
+    "constant": "constant answer",
 }
 
 
@@ -55,10 +57,12 @@ def task_tables(systems: dict[str, dict]) -> list[str]:
             continue
         lines.append(f"### {task}\n")
         if task in CLOSED_TASKS:
-            lines.append("| system | n | accuracy (%) | unparsed |")
-            lines.append("|---|---|---|---|")
+            lines.append("| system | n | generative accuracy (%) | unparsed | likelihood accuracy (%) | "
+                         "likelihood, per-token normalised (%) |")
+            lines.append("|---|---|---|---|---|---|")
             for s, b in present:
-                lines.append(f"| {_label(s)} | {b['n']} | {_fmt(b['accuracy'])} | {b['unparsed']} |")
+                lines.append(f"| {_label(s)} | {b['n']} | {_fmt(b['accuracy'])} | {b['unparsed']} | "
+                             f"{_fmt(b.get('likelihood_accuracy'))} | {_fmt(b.get('likelihood_accuracy_norm'))} |")
         else:
             cols = [c for c in TABLE_OPEN if c in present[0][1]["metrics"]]
             lines.append("| system | n | " + " | ".join(cols) + " | corpus BLEU |")
@@ -78,9 +82,11 @@ def category_tables(metrics: dict) -> list[str]:
             continue
         lines.append(f"#### {task} by category\n")
         if task in CLOSED_TASKS:
-            lines += ["| category | n | accuracy (%) | unparsed |", "|---|---|---|---|"]
+            lines += ["| category | n | generative accuracy (%) | unparsed | likelihood accuracy (%) |",
+                      "|---|---|---|---|---|"]
             for c, b in block["by_category"].items():
-                lines.append(f"| {c} | {b['n']} | {_fmt(b['accuracy'])} | {b['unparsed']} |")
+                lines.append(f"| {c} | {b['n']} | {_fmt(b['accuracy'])} | {b['unparsed']} | "
+                             f"{_fmt(b.get('likelihood_accuracy'))} |")
         else:
             cols = [c for c in HEADLINE_OPEN if c in block["metrics"]]
             lines.append("| category | n | " + " | ".join(cols) + " |")
@@ -89,6 +95,18 @@ def category_tables(metrics: dict) -> list[str]:
                 lines.append(f"| {c} | {b['n']} | " + " | ".join(_fmt(b["metrics"].get(k)) for k in cols) + " |")
         lines.append("")
     return lines
+
+
+def comparison_table(comparisons: dict[str, dict[str, dict]]) -> list[str]:
+    """Rows: task x other system; the model's headline score minus the other's, with its CI."""
+    lines = ["| task | versus | n | difference (model - other) | verdict |", "|---|---|---|---|---|"]
+    from sepit.evaluation.verdict import _judge
+
+    for task, block in comparisons.items():
+        unit = "accuracy pts (likelihood)" if task in CLOSED_TASKS else "ROUGE-L"
+        for other, d in block.items():
+            lines.append(f"| {task} | {_label(other)} | {d['n']} | {_fmt(d)} {unit} | {_judge(d)} |")
+    return lines + [""]
 
 
 def definitions(defs: dict) -> list[str]:
@@ -109,7 +127,12 @@ def definitions(defs: dict) -> list[str]:
         )
     else:
         lines.append("- **BERTScore**: not computed.")
-    lines.append("- **Accuracy** (yes/no, multiple choice): parsed from the generated answer only; unparsed = wrong.")
+    lines.append("- **Generative accuracy** (yes/no, multiple choice): parsed from the generated answer only; "
+                 "unparsed = wrong.")
+    lines.append("- **Likelihood accuracy**: every option (\"Yes\"/\"No\", or \"B) text\") is scored as the "
+                 "assistant's answer to the same prompt (teacher forcing, summed log-probability of its tokens and the "
+                 "end token); the most likely option is the answer. The normalised variant divides by the option's "
+                 "token count. Baselines have no likelihoods: their generative accuracy is their accuracy.")
     return lines
 
 
@@ -207,12 +230,14 @@ def write_report(out_dir: Path, result: dict, per_sample: dict[str, list[dict]])
     if p:
         paths["by_length"] = p
         result["by_length"] = by_len
-    sub = result.get("structure_subset")
-    if sub and "model" in sub and "model_sequence_only" in sub:
+    sl = result.get("structured_slice")
+    sub = (sl or {}).get("systems", {})
+    if "model" in sub and "model_sequence_only" in sub:
         if p := plot_structure(sub["model"], sub["model_sequence_only"], plots / "structure.png"):
             paths["structure"] = p
 
-    lines = [f"# Evaluation report\n", f"- model: `{result['model']['path']}`"]
+    lines = ["# Evaluation report\n", "## Verdict\n", verdict(result), "",
+             f"- model: `{result['model']['path']}`"]
     if result["model"].get("run_id"):
         lines.append(f"- model's MLflow run: `{result['model']['run_id']}`")
     if result["model"].get("compare_path"):
@@ -235,9 +260,15 @@ def write_report(out_dir: Path, result: dict, per_sample: dict[str, list[dict]])
     lines += ["", "## Results by task\n", *task_tables(systems)]
     if "model" in systems:
         lines += ["## Model by category\n", *category_tables(systems["model"])]
+    if result.get("comparisons"):
+        lines += ["## Model minus each baseline, paired on the same rows\n", *comparison_table(result["comparisons"])]
     if sub:
-        lines += [f"## Proteins with a structure ({sub.get('n', 0)} rows): with vs without coordinates\n", *task_tables(
-            {k: v for k, v in sub.items() if isinstance(v, dict) and "tasks" in v})]
+        lines += [f"## Structured slice: {sl['n']} rows of {sl['n_proteins']} proteins with coordinates "
+                  f"({sl['n_in_sample']} of them in the overall sample)\n",
+                  "Every test row whose protein has coordinates, scored with them and with them dropped "
+                  "(the same model, the same rows).\n", *task_tables(sub)]
+        if sl.get("comparisons"):
+            lines += ["Model minus each system on the slice, paired:\n", *comparison_table(sl["comparisons"])]
     if "by_length" in result:
         lines += ["## By protein length\n", "| system | " + " | ".join(b["bin"] for b in next(iter(result["by_length"]["bins"].values()))) + " |"]
         lines.append("|---|" + "---|" * len(next(iter(result["by_length"]["bins"].values()))))

@@ -24,7 +24,7 @@ from sepit.evaluation.generate import GenerationConfig, GenerationTask, generate
 from sepit.evaluation.metrics import MetricsConfig
 from sepit.evaluation.predictions import PredictionsStore
 
-BASELINES = ("majority", "nearest_neighbour")
+BASELINES = ("majority", "nearest_neighbour", "constant")
 
 
 @dataclass
@@ -44,7 +44,12 @@ class EvaluateConfig:
     pdb_h5: str | None = None
     """The reference's pdb.h5, for sequences/coordinates of reference conversation JSONL rows."""
     limit: int | None = None
-    """Evaluate only the first N valid rows."""
+    """Evaluate a seeded random sample of N valid rows (input order kept); the overall tables use it."""
+    sample_seed: int = 0
+    """Seed of that sample."""
+    structured_slice: bool = True
+    """Also evaluate every row whose protein has coordinates (beyond the sample): the structured
+    slice, where the model is compared with itself given no coordinates (the sequence-only ablation)."""
     sequence_only_ablation: bool = True
     """Also generate with structures dropped for rows that have one."""
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
@@ -100,6 +105,38 @@ def find_train_split(cfg: EvaluateConfig, lineage: dict) -> Path | None:
     return None
 
 
+def localize_inputs(cfg: EvaluateConfig) -> EvaluateConfig:
+    """Object-store (``s3://``, ``gs://``) inputs as local cached copies (:mod:`sepit.storage`):
+    model folders whole; of a dataset folder only the evaluated split (and, for the baselines,
+    the training split of the same stage)."""
+    from dataclasses import replace
+
+    from sepit.storage import first_file, is_remote, localize_dir, localize_file, resolve
+
+    def model(ref: str) -> str:
+        loc = resolve(ref)
+        if loc.join("model", "config.json").is_file() and not loc.join("config.json").is_file():
+            loc = loc.join("model")  # a stage's output folder
+        return str(localize_dir(loc))
+
+    changes = {k: model(getattr(cfg, k)) for k in ("model", "compare_model") if is_remote(getattr(cfg, k))}
+    if is_remote(cfg.train_data):
+        changes["train_data"] = str(localize_file(cfg.train_data))
+    if is_remote(cfg.data):
+        root, (stage, _, name) = resolve(cfg.data), cfg.split.rpartition("/")
+        split = root if root.is_file() else first_file(
+            root, [cfg.split, f"{cfg.split}.parquet", f"{name}.parquet", f"{stage}/{name}.parquet"])
+        if split is None:
+            raise ConfigError(f"evaluate.data {cfg.data}: no split {cfg.split!r} (looked for {cfg.split}.parquet "
+                              f"and {name}.parquet)")
+        changes["data"] = str(localize_file(split))
+        if cfg.baselines and not cfg.train_data and split is not root:
+            train = first_file(root, [f"{stage or 'stage2'}/train.parquet", "train.parquet"])
+            if train is not None:
+                changes["train_data"] = str(localize_file(train))
+    return replace(cfg, **changes) if changes else cfg
+
+
 def _tracking_uri(cfg: EvaluateConfig, lineage: dict) -> str:
     import os
 
@@ -110,7 +147,9 @@ def _tracking_uri(cfg: EvaluateConfig, lineage: dict) -> str:
 
 
 def _progress(done: int, total: int) -> None:
-    print(f"[evaluate] {done}/{total} answers", file=sys.stderr, flush=True)
+    from sepit.console import report
+
+    report("evaluate", done, total, unit="answers")
 
 
 # --------------------------------------------------------------------------- main
@@ -120,22 +159,24 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
     When ``generation.max_batches`` stops generation early the result has ``complete: False``
     and no metrics; rerunning resumes where it stopped.
     """
-    from sepit.evaluation.baselines import majority_baseline, nearest_neighbour_baseline
+    from sepit.evaluation.baselines import constant_baseline, majority_baseline, nearest_neighbour_baseline
     from sepit.evaluation.examples import load_eval_data
     from sepit.evaluation.predictions import write_predictions
     from sepit.evaluation.metrics import TextMetrics
     from sepit.evaluation.report import clean_json, write_report
     from sepit.evaluation.scoring import RecordScorer, score_systems, summary_lines
+    from sepit.evaluation.verdict import compare
     from sepit.ray_runtime import set_local_defaults
 
     set_local_defaults()
     cfg = config if isinstance(config, EvaluateConfig) else from_dict(EvaluateConfig, config)
+    cfg = localize_inputs(cfg)  # s3:// / gs:// model and data -> local cached copies
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(cfg.model)
     compare_dir = resolve_model_dir(cfg.compare_model) if cfg.compare_model else None
     lineage = read_lineage(model_dir)
-    data = load_eval_data(cfg.data, cfg.split, pdb_h5=cfg.pdb_h5, limit=cfg.limit)
+    data = load_eval_data(cfg.data, cfg.split, pdb_h5=cfg.pdb_h5)
     for check_dir in (model_dir, compare_dir):
         if check_dir is not None:
             bad = unusable_rows(data.rows, str(check_dir), cfg.generation.truncate)
@@ -143,12 +184,16 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
             data.rows = [r for r in data.rows if r["id"] not in bad]
     if data.rejects:
         write_jsonl(out / "rejects.jsonl", data.rejects)
-    rows = data.rows
-    if not rows:
+    if not data.rows:
         raise ConfigError(f"{data.source}: no valid rows to evaluate ({len(data.rejects)} rejected; see rejects.jsonl)")
+    sample_ids = sample_rows(data.rows, cfg.limit, cfg.sample_seed)
+    slice_ids = {r["id"] for r in data.rows if r["has_structure"]
+                 and (cfg.structured_slice or r["id"] in sample_ids)}
+    rows = [r for r in data.rows if r["id"] in sample_ids or r["id"] in slice_ids]
+    sample = [r for r in rows if r["id"] in sample_ids]
 
     # ---- generation: the model and its sequence-only ablation share one replica pool
-    struct_rows = [r for r in rows if r["has_structure"]]
+    struct_rows = [r for r in rows if r["id"] in slice_ids]
     tasks = [GenerationTask("model", rows, PredictionsStore(out))]
     if cfg.sequence_only_ablation and struct_rows:
         tasks.append(GenerationTask("sequence_only", struct_rows, PredictionsStore(out / "ablations" / "sequence_only"),
@@ -156,7 +201,7 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
     summaries = generate_predictions(tasks, str(model_dir), cfg.generation, on_batch=_progress)
     if compare_dir is not None and all(s.complete for s in summaries.values()):
         summaries.update(generate_predictions(
-            [GenerationTask("compare_model", rows, PredictionsStore(out / "ablations" / "compare_model"))],
+            [GenerationTask("compare_model", sample, PredictionsStore(out / "ablations" / "compare_model"))],
             str(compare_dir), cfg.generation, on_batch=_progress))
     gen_info = {"settings": to_dict(cfg.generation),
                 "summary": {k: {**vars(s), "tokens_per_second": round(s.tokens_per_second, 2)} for k, s in summaries.items()}}
@@ -190,32 +235,47 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
         if "nearest_neighbour" in cfg.baselines:
             systems["nearest_neighbour"], how = nearest_neighbour_baseline(train.rows, rows)
             notes.append(f"nearest-neighbour identity: {how}")
-        for name in ("majority", "nearest_neighbour"):
+        if "constant" in cfg.baselines:
+            systems["constant"] = constant_baseline(train.rows, rows)
+        for name in ("majority", "nearest_neighbour", "constant"):
             if systems.get(name):
                 write_predictions(out / "baselines" / name / "predictions.jsonl", systems[name])
     systems = {k: v for k, v in systems.items() if v}
 
-    # ---- scores and report
+    # ---- scores and report: the overall tables on the sample, the structured slice on its rows
     scorer = RecordScorer(TextMetrics.cached(cfg.metrics), cfg.bootstrap)
-    scored, per_sample = score_systems(systems, scorer)
+    in_sample = {k: [r for r in v if r.id in sample_ids] for k, v in systems.items()}
+    scored, per_sample = score_systems({k: v for k, v in in_sample.items() if v}, scorer)
     write_jsonl(out / "scores.jsonl", per_sample["model"])
+    baselines = [b for b in ("majority", "nearest_neighbour", "constant", "compare_model") if b in per_sample]
+    comparisons = compare(per_sample, "model", baselines, cfg.bootstrap)
+    structured_slice = None
     struct_ids = {r.id for r in model_recs if r.structure_used}
-    structure_subset = None
-    if "model_sequence_only" in systems and struct_ids:
-        sub_sys = {k: [r for r in systems[k] if r.id in struct_ids] for k in ("model", "model_sequence_only")}
-        sub_scored, _ = score_systems(sub_sys, scorer)
-        structure_subset = {"n": len(struct_ids), **sub_scored}
+    if struct_ids:
+        names = [k for k in ("model", "model_sequence_only", "majority", "nearest_neighbour", "constant") if k in systems]
+        sub_scored, sub_rows = score_systems({k: [r for r in systems[k] if r.id in struct_ids] for k in names}, scorer)
+        structured_slice = {
+            "n": len(struct_ids), "n_proteins": len({r.protein_id for r in model_recs if r.id in struct_ids}),
+            "n_in_sample": len(struct_ids & sample_ids), "systems": sub_scored,
+            "comparisons": compare(sub_rows, "model", [k for k in names if k != "model"], cfg.bootstrap),
+        }
+    if struct_ids - sample_ids:
+        notes.append(f"the structured slice adds {len(struct_ids - sample_ids)} rows with coordinates beyond the "
+                     f"{len(sample_ids)}-row sample (all {len(struct_ids)} such rows of the split); overall tables use "
+                     "the sample only")
     result: dict[str, Any] = {
         "complete": True,
         "out_dir": str(out),
         "model": {"path": str(model_dir), "run_id": lineage.get("mlflow_run_id"), "stage": lineage.get("stage"),
                   "compare_path": str(compare_dir) if compare_dir else None},
         "data": {"source": data.source, "n_input": data.n_input, "n_rejected": len(data.rejects),
-                 "n_evaluated": len(rows), "n_with_structure": len(struct_rows), "limit": cfg.limit},
+                 "n_evaluated": len(rows), "n_sample": len(sample_ids), "n_with_structure": len(struct_rows),
+                 "limit": cfg.limit},
         "generation": gen_info,
-        "summary": summary_lines(scored),
+        "summary": summary_lines(scored, structured_slice),
         "systems": scored,
-        "structure_subset": structure_subset,
+        "comparisons": comparisons,
+        "structured_slice": structured_slice,
         "metric_definitions": scorer.text.describe(),
         "bootstrap": to_dict(cfg.bootstrap),
         "notes": notes,
@@ -225,6 +285,20 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
         result["mlflow_run_id"] = log_to_mlflow(cfg, result, paths, lineage, parent_run_id)
         (out / "metrics.json").write_text(json.dumps(clean_json(result), indent=1))
     return result
+
+
+def sample_rows(rows: list[dict], limit: int | None, seed: int = 0) -> set[str]:
+    """Ids of a seeded uniform sample of ``limit`` rows (all rows when ``limit`` is None or larger).
+
+    Splits are stored sorted by id, so their first N rows would be a few proteins' questions; a
+    uniform sample keeps the task and category mix of the split."""
+    ids = [r["id"] for r in rows]
+    if limit is None or limit >= len(ids):
+        return set(ids)
+    import numpy as np
+
+    pick = np.random.default_rng(seed).choice(len(ids), size=limit, replace=False)
+    return {ids[i] for i in pick}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -311,7 +385,10 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(EvaluateConfig, args.config, overrides=_cli_overrides(args))
-        result = evaluate(cfg, parent_run_id=args.parent_run_id)
+        from sepit.console import capture_logs
+
+        with capture_logs(cfg.out):  # Ray/MLflow output -> <out>/logs/
+            result = evaluate(cfg, parent_run_id=args.parent_run_id)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"sepit evaluate: {exc}", file=sys.stderr)
         return 2

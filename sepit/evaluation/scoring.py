@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from sepit.evaluation.answer_parsing import gold_letter, normalize_yes_no, parse_choice, parse_yes_no
+from sepit.evaluation.likelihood import OptionScores, option_index
 from sepit.evaluation.bootstrap import BootstrapConfig, mean_ci, statistic_ci
 from sepit.evaluation.metrics import OPEN_METRICS, TextMetrics, bleu_from_stats, corpus_bleu_stats
 from sepit.evaluation.predictions import PredictionRecord
@@ -37,6 +38,18 @@ def closed_set_outcome(rec: PredictionRecord) -> tuple[str | None, str | None, b
     else:
         raise ValueError(f"{rec.id}: task {rec.task!r} is not closed-set")
     return parsed, gold, parsed is not None and parsed == gold
+
+
+def likelihood_outcome(rec: PredictionRecord, gold: str | None) -> dict:
+    """``ll_choice``/``ll_correct``/``ll_norm_correct`` (100 or 0) of a record whose options were
+    scored by likelihood; ``{}`` when they were not.  ``gold`` is read only here, after scoring."""
+    if not rec.options or not rec.option_logprob or len(rec.option_logprob) != len(rec.options):
+        return {}
+    sc = OptionScores(list(rec.options), list(rec.option_logprob), list(rec.option_tokens or []))
+    want = option_index(rec.task, rec.options, gold)
+    pick, pick_norm = sc.best(normalised=False), sc.best(normalised=True)
+    return {"ll_choice": rec.options[pick], "ll_norm_choice": rec.options[pick_norm],
+            "ll_correct": 100.0 if pick == want else 0.0, "ll_norm_correct": 100.0 if pick_norm == want else 0.0}
 
 
 class RecordScorer:
@@ -65,6 +78,7 @@ class RecordScorer:
             elif r.task in CLOSED_TASKS:
                 parsed, gold, correct = closed_set_outcome(r)
                 row.update(parsed=parsed, gold=gold, correct=100.0 if correct else 0.0)
+                row.update(likelihood_outcome(r, gold))
             else:
                 raise ValueError(f"{r.id}: unknown task {r.task!r}")
             rows.append(row)
@@ -78,11 +92,17 @@ class RecordScorer:
         return {"n": len(rows), "metrics": metrics, "corpus_bleu": cb}
 
     def _closed_block(self, rows: list[dict]) -> dict:
-        return {
+        block = {
             "n": len(rows),
             "accuracy": mean_ci([r["correct"] for r in rows], self.bootstrap),
             "unparsed": sum(1 for r in rows if r["parsed"] is None),
         }
+        scored = [r for r in rows if r.get("ll_correct") is not None]
+        if scored:  # systems that generate but cannot score options (the baselines) have none
+            block["n_likelihood"] = len(scored)
+            block["likelihood_accuracy"] = mean_ci([r["ll_correct"] for r in scored], self.bootstrap)
+            block["likelihood_accuracy_norm"] = mean_ci([r["ll_norm_correct"] for r in scored], self.bootstrap)
+        return block
 
     def aggregate(self, records: Sequence[PredictionRecord], rows: list[dict]) -> dict:
         """``{task: {n, metrics|accuracy, ..., by_category: {...}}}`` for the tasks present."""
@@ -124,6 +144,9 @@ def headline(metrics: dict) -> dict[str, float]:
             flat[f"{task}.corpus_bleu"] = block["corpus_bleu"]["value"]
         if "accuracy" in block:
             flat[f"{task}.accuracy"] = block["accuracy"]["mean"]
+        for k in ("likelihood_accuracy", "likelihood_accuracy_norm"):
+            if k in block:
+                flat[f"{task}.{k}"] = block[k]["mean"]
     return {k: float(v) for k, v in flat.items() if v is not None and np.isfinite(v)}
 
 
@@ -137,19 +160,46 @@ def score_systems(
     return scored, per_sample
 
 
-def summary_lines(systems: dict[str, dict]) -> dict[str, str]:
-    """One line per task comparing systems on its headline number, e.g.
-    ``{"yes_no accuracy": "model 55.0 | majority 61.2 | nearest_neighbour 58.3"}`` (for console reports)."""
+SYSTEM_SHORT = {"model": "model", "model_sequence_only": "seq-only", "compare_model": "stage-1",
+                "majority": "majority", "nearest_neighbour": "nearest-nbr",
+                "constant": "constant"}
+
+
+def _pct(v: dict) -> str:
+    return f"{v['mean']:.1f} [{v['ci_low']:.1f}, {v['ci_high']:.1f}]" if np.isfinite(v.get("ci_low", np.nan)) \
+        else f"{v['mean']:.1f}"
+
+
+def summary_lines(systems: dict[str, dict], structured_slice: dict | None = None) -> dict[str, str]:
+    """Console lines comparing systems per task, e.g.
+    ``{"yes_no (n=98)": "model gen 55.0 / lik 71.2 | majority 61.2 | nearest-nbr 58.3"}``:
+    closed-set tasks show generative accuracy and likelihood accuracy (sum), open tasks ROUGE-L."""
     out: dict[str, str] = {}
     for task in TASK_ORDER:
-        key = f"{task} accuracy" if task in CLOSED_TASKS else f"{task} ROUGE-L"
-        parts = []
+        parts, n = [], None
         for name, block in systems.items():
             b = block.get("tasks", {}).get(task)
             if b is None:
                 continue
-            v = b["accuracy"]["mean"] if task in CLOSED_TASKS else b["metrics"]["rougeL"]["mean"]
-            parts.append(f"{name} {v:.1f}")
+            n = b["n"] if n is None else n
+            label = SYSTEM_SHORT.get(name, name)
+            if task in CLOSED_TASKS:
+                text = f"{label} gen {b['accuracy']['mean']:.1f}"
+                if "likelihood_accuracy" in b:
+                    text += f" / lik {b['likelihood_accuracy']['mean']:.1f}"
+            else:
+                text = f"{label} {b['metrics']['rougeL']['mean']:.1f}"
+            parts.append(text)
         if parts:
-            out[key] = " | ".join(parts)
+            what = "accuracy %" if task in CLOSED_TASKS else "ROUGE-L"
+            out[f"{task} {what} (n={n})"] = " | ".join(parts)
+    if structured_slice:
+        parts = []
+        for task, block in structured_slice.get("comparisons", {}).items():
+            d = block.get("model_sequence_only")
+            if d is not None:
+                ci = f" [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" if np.isfinite(d.get("ci_low", np.nan)) else ""
+                parts.append(f"{task} {d['mean']:+.1f}{ci}")
+        key = f"structured slice (n={structured_slice['n']} rows, {structured_slice['n_proteins']} proteins)"
+        out[key] = ("with - without coordinates: " + "; ".join(parts)) if parts else "no sequence-only ablation"
     return out
