@@ -116,3 +116,40 @@ def test_ray_alignment_matches_in_process(proteins, ray_local):
     local = align_candidates(seqs, pairs, use_ray=False)
     remote = align_candidates(seqs, pairs, use_ray=True, rows_per_block=75)
     np.testing.assert_array_equal(local, remote)
+
+
+def test_stratified_split_gives_every_split_its_share_of_structures(proteins):
+    """The bundled proteins that have an AlphaFold/PDB structure reach every split in proportion,
+    clusters stay whole and no cross-split pair reaches the threshold."""
+    with gzip.open(data_path("derived", "overlap.csv.gz"), "rt") as fh:
+        structured = {line.split(",")[0] for line in fh.read().splitlines()[1:]}
+    keys, seqs = [a for a, _ in proteins], [s for _, s in proteins]
+    strata = [int(a in structured) for a in keys]
+    n_struct = sum(strata)
+    assert n_struct >= 70  # the bundled AFDB/PDB proteins with an annotation
+    report = homology_split(keys, seqs, threshold=0.4, seed=0, strata=strata)
+    assert max(report.max_cross_identity.values()) < 0.4
+    by_cluster: dict[int, set] = {}
+    for c, s in zip(report.cluster_of, report.split_of):
+        by_cluster.setdefault(c, set()).add(s)
+    assert all(len(v) == 1 for v in by_cluster.values())
+    got = {s: sum(1 for k, x in enumerate(strata) if x and report.split_of[k] == s) for s in ("train", "val", "test")}
+    assert got == report.strata["1"] and sum(got.values()) == n_struct
+    # Within one largest structured cluster of the target share per split.
+    biggest = max(sum(strata[i] for i, c in enumerate(report.cluster_of) if c == k) for k in by_cluster)
+    for s, share in zip(("train", "val", "test"), (0.8, 0.1, 0.1)):
+        assert abs(got[s] - share * n_struct) <= biggest + 1, (got, biggest)
+    # The rest still follows the ratios overall.
+    counts = {s: report.split_of.count(s) for s in ("train", "val", "test")}
+    assert abs(counts["train"] / len(keys) - 0.8) < 0.05
+
+
+def test_assign_clusters_strata_keep_clusters_whole():
+    keys = [f"P{i:04d}" for i in range(200)]
+    clusters = [i // 4 for i in range(200)]  # 50 clusters of 4
+    strata = [1 if c < 10 and i % 4 == 0 else 0 for i, c in enumerate(clusters)]  # one structured member each
+    split = assign_clusters(clusters, keys, (0.6, 0.2, 0.2), seed=0, strata=strata)
+    for c in range(50):
+        assert len({split[i] for i in range(200) if clusters[i] == c}) == 1
+    structured_clusters = [split[4 * c] for c in range(10)]
+    assert (structured_clusters.count("train"), structured_clusters.count("val"), structured_clusters.count("test")) == (6, 2, 2)

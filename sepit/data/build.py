@@ -66,6 +66,9 @@ class BuildConfig:
     identity_threshold: float = 0.4
     """Proteins at or above this identity (identical residues / shorter length) share a split."""
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    stratify_structure: bool = True
+    """Split proteins with and without a structure separately towards ``split_ratios`` (clusters
+    stay whole, so there is still no homology leakage); off = one fill over all clusters."""
     """train, val, test shares of proteins."""
     open_categories: list[str] = field(default_factory=lambda: list(ANNOTATION_CATEGORIES))
     closed_categories: list[str] = field(default_factory=lambda: list(CLOSED_SET_CATEGORIES))
@@ -204,8 +207,13 @@ def _rows(examples: list[Example], split_of: dict[str, str]) -> dict[tuple[int, 
 
 def build_dataset(config: BuildConfig) -> dict[str, Any]:
     """Build the dataset described by ``config``; returns the card (also written as card.json)."""
+    from sepit.storage import is_remote, resolve, staging_dir, upload_dir
+
     t0 = time.time()
-    out = Path(config.out)
+    remote = resolve(config.out) if is_remote(config.out) else None
+    if remote is not None and remote.is_dir() and not remote.join("card.json").is_file():
+        raise BuildError(f"output folder {remote} is not empty and holds no previous build (card.json); refusing to overwrite")
+    out = staging_dir(config.out) if remote else Path(config.out)  # object store: build locally, then upload
     _check_out(out)
     annotation_args = list(config.annotations) or default_annotation_files()
     id_maps = default_id_maps() if config.id_maps is None else list(config.id_maps)
@@ -220,8 +228,11 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     keys = sorted(proteins)
     use_ray = config.executor == "ray" or (config.executor == "auto" and len(keys) >= config.ray_min_proteins)
     prefilter = PrefilterParams(k=config.prefilter_k, top_m=config.prefilter_top_m, min_cosine=config.prefilter_min_cosine)
+    # Stratified by has-a-structure: the few proteins with coordinates reach every split in
+    # proportion, so the test split can measure what structure adds (whole clusters still).
+    strata = [int(proteins[k].has_structure) for k in keys] if config.stratify_structure else None
     report = homology_split(keys, [proteins[k].sequence for k in keys], config.identity_threshold,
-                            config.split_ratios, config.seed, prefilter, use_ray=use_ray)
+                            config.split_ratios, config.seed, prefilter, use_ray=use_ray, strata=strata)
     violation = cross_split_violations(report)
     if violation:
         raise BuildError(violation)
@@ -250,6 +261,8 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
         elapsed_s=time.time() - t0,
     )
     _replace_out(tmp, out)
+    if remote is not None:
+        upload_dir(out, remote)
     return card
 
 
@@ -286,7 +299,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
-        card = build_dataset(config)
+        from sepit.console import capture_logs
+
+        from sepit.storage import staging_dir
+
+        with capture_logs(staging_dir(config.out).parent):  # the dataset folder is replaced whole
+            card = build_dataset(config)
     except (ConfigError, BuildError, FileNotFoundError, StoreError, AnnotationFormatError) as exc:
         print(f"sepit build-dataset: {exc}", file=sys.stderr)
         return 2

@@ -82,6 +82,7 @@ def write_card(out: Path, *, tables, proteins, split_of, report, ledger, skipped
         "inputs": {
             "records": n_in, "used": n_used, "skipped": len(skipped),
             "reconciles": n_in == n_used + len(skipped),
+            "notes": list(getattr(ledger, "notes", [])),
             "per_file": per_file,
             "skipped_by_stage": dict(sorted(Counter(r["stage"] for r in skipped).items())),
             "top_skip_reasons": reasons.most_common(12),
@@ -96,6 +97,11 @@ def write_card(out: Path, *, tables, proteins, split_of, report, ledger, skipped
             "by_split": {s: len(v) for s, v in lengths_by_split.items()},
             "with_structure": sum(p.has_structure for p in proteins.values()),
             "share_with_structure": round(sum(p.has_structure for p in proteins.values()) / max(len(proteins), 1), 4),
+            "with_structure_by_split": {s: sum(proteins[k].has_structure for k in proteins if split_of[k] == s)
+                                        for s in SPLITS},
+            "share_with_structure_by_split": {
+                s: round(sum(proteins[k].has_structure for k in proteins if split_of[k] == s) / max(len(v), 1), 4)
+                for s, v in lengths_by_split.items()},
             "truncated_to_max_residues": sum(p.truncated_from is not None for p in proteins.values()),
             "length_by_split": {s: _length_stats(v) for s, v in lengths_by_split.items()},
         },
@@ -116,8 +122,10 @@ def summary_lines(card: dict[str, Any]) -> list[str]:
     lines = [
         f"inputs: {i['records']} records = {i['used']} used + {i['skipped']} skipped",
         f"proteins: {p['total']} ({p['by_split']}), with structure {p['with_structure']} "
-        f"({100 * p['share_with_structure']:.1f}%), truncated {p['truncated_to_max_residues']}",
+        f"({100 * p['share_with_structure']:.1f}%; by split {p['with_structure_by_split']}), "
+        f"truncated {p['truncated_to_max_residues']}",
     ]
+    lines += [f"note: {n}" for n in i.get("notes", [])]
     for stage, e in card["examples"].items():
         lines.append(f"{stage}: {e['total']} examples {e['by_split']} tasks {e['by_task']}")
     lines.append(f"splits: {s['n_clusters']} clusters at identity {s['threshold']}; max cross-split identity "
@@ -141,6 +149,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"(reconciles: {i['reconciles']}); reasons in `skipped.parquet`.", "",
         _table(["file", "records", "used", "skipped"],
                [[Path(f).name, c["records"], c["used"], c["skipped"]] for f, c in sorted(i["per_file"].items())]), "",
+        *[f"Note: {n}" for n in i.get("notes", [])], "",
         "Most frequent skip reasons:", "",
         _table(["count", "stage: reason"], [[n, r] for r, n in i["top_skip_reasons"]]), "",
         f"Protein store: {st['records']} records = {st['used']} used + {st['unused']} without any annotation "
@@ -149,8 +158,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"{p['total']} proteins; {p['with_structure']} with a structure "
         f"({100 * p['share_with_structure']:.1f}%); {p['truncated_to_max_residues']} truncated to "
         f"{card['config']['max_residues']} residues.", "",
-        _table(["split", "proteins", "min", "median", "mean", "max"],
-               [[s, v.get("n", 0), v.get("min", "-"), v.get("median", "-"), v.get("mean", "-"), v.get("max", "-")]
+        _table(["split", "proteins", "with structure", "share with structure", "min", "median", "mean", "max"],
+               [[s, v.get("n", 0), p["with_structure_by_split"][s], f"{100 * p['share_with_structure_by_split'][s]:.1f}%",
+                 v.get("min", "-"), v.get("median", "-"), v.get("mean", "-"), v.get("max", "-")]
                 for s, v in p["length_by_split"].items()]), "",
         "![protein lengths](lengths.png)", "",
         "## Examples", "",

@@ -7,7 +7,11 @@ Method (documented in ``docs/datasets.md``):
    step for large inputs);
 3. single-linkage clustering: union-find over pairs with identity >= ``threshold``;
 4. clusters visited in a seeded order keyed by their smallest protein id (so the result does not
-   depend on input order) and each given to the split furthest below its target share of proteins.
+   depend on input order) and each given to the split furthest below its target share of proteins;
+   with ``strata`` (e.g. has-a-structure), a cluster's stratum is the highest of its members' and
+   each stratum is filled towards the target shares on its own, so every split gets its share of
+   the rare stratum (proteins with coordinates) while clusters stay whole: stratification never
+   breaks the homology rule.
 
 A protein is one entry of the ``keys`` list; it lands in exactly one split.  The report gives the
 maximum identity between any two proteins of different splits *over the aligned candidate
@@ -62,9 +66,12 @@ class SplitReport:
     n_cross_pairs: dict[str, int] = field(default_factory=dict)
     """How many aligned candidate pairs straddle each pair of splits."""
     prefilter: dict = field(default_factory=dict)
+    strata: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Stratum value -> proteins per split, when the split was stratified."""
 
     def as_dict(self) -> dict:
         return {
+            "stratified_by": "has_structure" if self.strata else None, "proteins_per_stratum": self.strata,
             "method": "k-mer cosine prefilter -> semi-global BLOSUM62 alignment identity (identical "
                       "residues / shorter length) -> single-linkage clustering -> clusters to splits",
             "threshold": self.threshold, "n_clusters": self.n_clusters,
@@ -105,22 +112,25 @@ def align_candidates(sequences: Sequence[str], pairs: np.ndarray, use_ray: bool 
     return out["identity"].to_numpy(np.float32)
 
 
-def assign_clusters(cluster_of: Sequence[int], keys: Sequence[str], ratios: Sequence[float], seed: int) -> list[str]:
-    """Split name per protein: whole clusters, seeded order, greedy fill towards ``ratios``."""
+def assign_clusters(cluster_of: Sequence[int], keys: Sequence[str], ratios: Sequence[float], seed: int,
+                    strata: Sequence[int] | None = None) -> list[str]:
+    """Split name per protein: whole clusters, seeded order, greedy fill towards ``ratios``,
+    separately within each stratum (a cluster's stratum = the maximum over its members)."""
     ratios = np.asarray(ratios, float)
     members: dict[int, list[int]] = {}
     for idx, c in enumerate(cluster_of):
         members.setdefault(c, []).append(idx)
+    stratum = {c: max(int(strata[i]) for i in m) if strata is not None else 0 for c, m in members.items()}
     order = sorted(members, key=lambda c: rng_for(seed, "cluster", min(keys[i] for i in members[c])).random())
-    filled = np.zeros(len(ratios))
-    total = len(keys)
-    split_of = [""] * total
+    filled: dict[int, np.ndarray] = {}
+    split_of = [""] * len(keys)
     for c in order:
-        # the split with the largest deficit against its target share gets the next cluster
-        deficit = ratios * (filled.sum() + len(members[c])) - filled
+        f = filled.setdefault(stratum[c], np.zeros(len(ratios)))
+        # the split with the largest deficit against its target share (in this stratum) gets the cluster
+        deficit = ratios * (f.sum() + len(members[c])) - f
         deficit[ratios == 0] = -np.inf
         s = int(np.argmax(deficit))
-        filled[s] += len(members[c])
+        f[s] += len(members[c])
         for i in members[c]:
             split_of[i] = SPLITS[s]
     return split_of
@@ -130,10 +140,14 @@ def homology_split(
     keys: Sequence[str], sequences: Sequence[str], threshold: float = 0.4,
     ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
     prefilter: PrefilterParams = PrefilterParams(), use_ray: bool = False,
+    strata: Sequence[int] | None = None,
 ) -> SplitReport:
-    """Cluster ``sequences`` at ``threshold`` identity and split the clusters by ``ratios``."""
+    """Cluster ``sequences`` at ``threshold`` identity and split the clusters by ``ratios``
+    (within each stratum when ``strata`` is given, e.g. 1 for proteins with coordinates)."""
     if len(keys) != len(sequences):
         raise ValueError(f"{len(keys)} keys but {len(sequences)} sequences")
+    if strata is not None and len(strata) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(strata)} strata")
     if len(set(keys)) != len(keys):
         raise ValueError("protein keys must be unique")
     pairs = candidate_pairs(sequences, prefilter)
@@ -145,9 +159,12 @@ def homology_split(
     roots = [uf.find(i) for i in range(len(keys))]
     renumber: dict[int, int] = {}
     cluster_of = [renumber.setdefault(r, len(renumber)) for r in roots]
-    split_of = assign_clusters(cluster_of, keys, ratios, seed)
+    split_of = assign_clusters(cluster_of, keys, ratios, seed, strata)
     report = SplitReport(split_of, cluster_of, threshold, len(renumber), len(pairs), int(linked.sum()),
                          prefilter={"k": prefilter.k, "top_m": prefilter.top_m, "min_cosine": prefilter.min_cosine})
+    if strata is not None:
+        report.strata = {str(v): {s: sum(1 for k, x in enumerate(strata) if x == v and split_of[k] == s) for s in SPLITS}
+                         for v in sorted(set(int(x) for x in strata))}
     for a_i, a in enumerate(SPLITS):
         for b in SPLITS[a_i + 1:]:
             name = f"{a}-{b}"
