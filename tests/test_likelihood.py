@@ -150,3 +150,26 @@ def test_closed_block_reports_generative_and_likelihood_accuracy():
     assert block["accuracy"]["mean"] == pytest.approx(200 / 3)
     assert block["n_likelihood"] == 2 and block["likelihood_accuracy"]["mean"] == 50.0
     assert block["likelihood_accuracy_norm"]["mean"] == 50.0
+
+
+def test_inference_crops_proteins_as_in_training(model):
+    """A model trained on proteins cut to N residues reads the same first N at inference
+    (generation and likelihood alike); proteins above max_residues still need truncate=True."""
+    from sepit.models.protein_batch import ProteinBatchError
+
+    cropped = copy.deepcopy(model)
+    cropped.config.crop_residues = 10
+    long_seq = SEQS[0]  # 24 residues
+    coords = torch.cumsum(torch.randn(len(long_seq), 3), 0).numpy()
+    full = (long_seq, coords, np.ones(len(long_seq), bool))
+    cut = (long_seq[:10], coords[:10], np.ones(10, bool))
+    q, opts = ["Is <protein> an enzyme?"], [["Yes", "No"]]
+    assert score_options(cropped, q, [full], opts)[0].logprob == pytest.approx(
+        score_options(cropped, q, [cut], opts)[0].logprob, abs=1e-5)
+    assert score_options(model, q, [full], opts)[0].logprob != pytest.approx(
+        score_options(model, q, [cut], opts)[0].logprob, abs=1e-5)
+    assert cropped.generate_ids(q, [full], max_new_tokens=4) == cropped.generate_ids(q, [cut], max_new_tokens=4)
+    cropped.config.max_residues = 20
+    with pytest.raises(ProteinBatchError, match="above max_residues=20"):
+        cropped.generate_ids(q, [full], max_new_tokens=2)
+    assert cropped.generate_ids(q, [full], max_new_tokens=2, truncate=True)

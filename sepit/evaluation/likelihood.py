@@ -97,7 +97,6 @@ def score_options(model, questions: Sequence[str], proteins: Sequence[tuple], op
     through the LLM at once; each chunk encodes only the proteins its rows need.
     """
     from sepit.data.prompts import IGNORE_INDEX, encode_example
-    from sepit.models.protein_batch import collate_proteins
 
     if not (len(questions) == len(proteins) == len(options)):
         raise ValueError(f"{len(questions)} questions, {len(proteins)} proteins, {len(options)} option lists")
@@ -124,8 +123,7 @@ def score_options(model, questions: Sequence[str], proteins: Sequence[tuple], op
                 ids[r, :n] = torch.tensor(e["input_ids"])
                 labels[r, :n] = torch.tensor(e["labels"])
                 mask[r, :n] = 1
-            batch = collate_proteins(model.encoder.alphabet, [proteins[q] for q in qs],
-                                     max_residues=model.config.max_residues, truncate=truncate).to(model.device)
+            batch = model.collate_for_inference([proteins[q] for q in qs], truncate).to(model.device)
             index = torch.tensor([local[q] for q, _, _ in chunk], device=model.device)
             # The model's own training forward (structure dropout is off in eval mode; MoE
             # blocks route with the padding mask exactly as in training).

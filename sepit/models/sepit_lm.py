@@ -27,7 +27,7 @@ from sepit.config.base import check_choice, check_range, from_dict, to_dict
 # __init__ that imports this module must not see a half-initialised prompts module.
 from sepit.data import prompts
 from sepit.models.encoder import EncoderConfig, ProteinEncoder
-from sepit.models.generation import SamplingConfig, decode_from_embeddings
+from sepit.models.generation import DecodeBatch, SamplingConfig, decode_batch, length_buckets
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
 from sepit.models.llm import LLMConfig, build_llm, build_llm_from_hf_config
 from sepit.models.moe import (
@@ -62,6 +62,10 @@ class SepitConfig:
     """Probability that a training protein loses its coordinates (sequence-only)."""
     max_residues: int = 1022
     """Longest protein accepted by generate(); longer ones are an error unless truncate=True."""
+    crop_residues: int | None = None
+    """Inference cuts proteins to their first ``crop_residues`` residues (and coordinates): the crop
+    the model was trained with (set by the training stage), so it never reads protein spans longer
+    than it learnt from.  None = no crop."""
     encoder_path: str | None = None
     """Protein-encoder folder (ProteinEncoder.save_pretrained / stage-0 export) to start from."""
     esm_checkpoint: str | None = None
@@ -231,42 +235,80 @@ class SepitForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def build_generation_inputs(self, questions: Sequence[str], proteins: Sequence[tuple],
-                                truncate: bool = False) -> SplicedInputs:
-        """Left-padded spliced prompts for ``questions`` and ``(sequence, coords|None, mask|None)``."""
+                                truncate: bool = False,
+                                prompt_ids: Sequence[Sequence[int]] | None = None) -> SplicedInputs:
+        """Left-padded spliced prompts for ``questions`` and ``(sequence, coords|None, mask|None)``.
+
+        ``prompt_ids`` (``prompts.encode_prompt`` of each question, e.g. from a server that
+        tokenised the request once when validating it) skips tokenising again."""
         if len(questions) != len(proteins):
             raise ValueError(f"{len(questions)} questions but {len(proteins)} proteins; pass one protein per question")
         if not questions:
             raise ValueError("generate() needs at least one question")
-        encoded = [prompts.encode_prompt(self.tokenizer, q) for q in questions]
+        if prompt_ids is not None and len(prompt_ids) != len(questions):
+            raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(questions)} questions")
+        encoded = (list(prompt_ids) if prompt_ids is not None
+                   else [prompts.encode_prompt(self.tokenizer, q) for q in questions])
         width = max(len(p) for p in encoded)
         ids = torch.full((len(encoded), width), self.token_ids.pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, p in enumerate(encoded):
             ids[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
-        batch = collate_proteins(self.encoder.alphabet, list(proteins), max_residues=self.config.max_residues,
-                                 truncate=truncate).to(self.device)
+        batch = self.collate_for_inference(proteins, truncate).to(self.device)
         return self.splice(ids.to(self.device), mask.to(self.device), batch, padding_side="left",
                            structure_dropout=False)
 
-    @torch.no_grad()
+    def collate_for_inference(self, proteins: Sequence[tuple], truncate: bool = False):
+        """ESM batch of ``(sequence, coords|None, mask|None)`` for inference: a protein over
+        ``max_residues`` is an error unless ``truncate``; the rest are cut to ``crop_residues``."""
+        cfg = self.config
+        if cfg.crop_residues is not None and not truncate:
+            collate_proteins(self.encoder.alphabet, [(p[0], None, None) for p in proteins],
+                             max_residues=cfg.max_residues)  # raises ProteinBatchError naming the item
+        limit = min(cfg.max_residues, cfg.crop_residues or cfg.max_residues)
+        return collate_proteins(self.encoder.alphabet, list(proteins), max_residues=limit,
+                                truncate=truncate or cfg.crop_residues is not None)
+
+    @torch.inference_mode()
     def generate_ids(self, questions: Sequence[str], proteins: Sequence[tuple], max_new_tokens: int = 128,
                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                      stop: Sequence[str] | None = None, seed: int | None = None,
                      truncate: bool = False) -> list[list[int]]:
-        """New token ids per question (eos excluded); see :meth:`generate`."""
+        """New token ids per question (eos excluded); see :meth:`generate`.
+
+        Prompts are prefilled in length buckets (sorted, so little left padding) whose rows then
+        decode as one batch; rows leave the batch as they end."""
         cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, seed)
-        s = self.build_generation_inputs(questions, proteins, truncate)
+        if len(questions) != len(proteins):
+            raise ValueError(f"{len(questions)} questions but {len(proteins)} proteins; pass one protein per question")
+        if not questions:
+            raise ValueError("generate() needs at least one question")
+        encoded = [prompts.encode_prompt(self.tokenizer, q) for q in questions]
+        # LLM prompt length: the <protein> placeholder becomes <cls> residues <eos>.
+        lengths = [len(ids) + 1 + min(len(p[0]), self.config.max_residues) for ids, p in zip(encoded, proteins)]
+        order: list[int] = []
+        batch = None
+        for bucket in length_buckets(lengths):
+            s = self.build_generation_inputs([questions[i] for i in bucket], [proteins[i] for i in bucket], truncate,
+                                             prompt_ids=[encoded[i] for i in bucket])
+            part = DecodeBatch.prefill(self, self.llm, s.inputs_embeds, s.attention_mask, s.position_ids, max_new_tokens)
+            if batch is None:
+                batch = part
+            else:
+                batch.concat(part, headroom=max_new_tokens)
+            order += bucket
         stops = [x for x in (stop or []) if x]
 
         def stop_check(_row: int, ids: list[int]) -> bool:
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             return any(x in text for x in stops)
 
-        return decode_from_embeddings(
-            self, self.llm, s.inputs_embeds, s.attention_mask, s.position_ids,
-            self.token_ids.eos, self.token_ids.pad, cfg, stop_check if stops else None,
-        )
+        ids = decode_batch(batch, self.token_ids.eos, self.token_ids.pad, cfg, stop_check if stops else None)
+        out: list[list[int]] = [[] for _ in questions]
+        for row, i in enumerate(order):
+            out[i] = ids[row]
+        return out
 
     @torch.no_grad()
     def generate(self, questions: Sequence[str], proteins: Sequence[tuple], max_new_tokens: int = 128,

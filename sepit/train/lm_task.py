@@ -43,6 +43,11 @@ class InstructionTask(TrainTask):
         self.max_answer_tokens = max_answer_tokens
         self._expert_counts: dict[int, torch.Tensor] = {}
 
+    def record_crop(self, model) -> None:
+        """Save the training crop in the model's config: inference cuts proteins the same way."""
+        if self.max_residues < model.config.max_residues:
+            model.config.crop_residues = self.max_residues
+
     # ------------------------------------------------------------------ data
     def row_length(self, row) -> int:
         # Residues plus a rough text-token count (~4 characters per BPE token).

@@ -22,7 +22,6 @@ from sepit.config.base import check_range, to_dict
 from sepit.models.sepit_lm import SepitConfig
 
 from .config import TrainConfig
-from .deepspeed_config import check_zero3_structure_bias
 from .launch import run_training
 from .lineage import ParentRef, resolve_parent
 from .lm_task import InstructionTask
@@ -52,8 +51,6 @@ class Stage1JobConfig:
         check_range(self.encoder_lr_ratio, "encoder_lr_ratio", lo=0)
         check_range(self.llm_lr_ratio, "llm_lr_ratio", lo=0)
         check_range(self.max_answer_tokens, "max_answer_tokens", lo=1)
-        if not self.init and not self.model.encoder_path:  # else the folder's encoder decides (run_stage1)
-            check_zero3_structure_bias(self.train.zero_stage, self.model.encoder.use_structure)
 
 
 def stage1_preset(name: str) -> dict[str, Any]:
@@ -104,6 +101,7 @@ class Stage1Task(InstructionTask):
         return model.param_groups(base_lr=lr, encoder_lr_ratio=self.encoder_lr_ratio, llm_lr_ratio=self.llm_lr_ratio)
 
     def export(self, model, out_dir: Path) -> None:
+        self.record_crop(model)
         model.save_pretrained(out_dir)
 
     def describe(self) -> dict[str, Any]:
@@ -123,11 +121,6 @@ def run_stage1(config: Stage1JobConfig, parent_run_id: str | None = None) -> dic
                             download_to=config.train.out_path / "parent")
         check_model_folder(parent.path, ENCODER_MODEL_TYPE, "a stage-0 protein encoder export")
         config.model.encoder_path = parent.path
-    if config.train.zero_stage == 3 and config.model.encoder_path:
-        from sepit.models.io import read_config
-
-        encoder = read_config(config.model.encoder_path).get("encoder") or {}
-        check_zero3_structure_bias(3, bool(encoder.get("use_structure", True)))
     config.train.out_path.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare_tokenizer(config.model, config.train.out_path)
     outcome = run_training(Stage1Task(config, tokenizer), config.train, dataset_dir=config.data.dataset_dir,

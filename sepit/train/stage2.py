@@ -104,6 +104,7 @@ class Stage2Task(InstructionTask):
         from sepit.models.moe import export_for_inference
 
         export_for_inference(model)  # DeepSpeed experts -> plain PyTorch blocks, same weights
+        self.record_crop(model)
         model.save_pretrained(out_dir)
 
     def describe(self) -> dict[str, Any]:
