@@ -184,25 +184,55 @@ def _call(step: str, fn: Callable[..., Any], step_cfg: Any, parent_run_id: str |
 
 
 def _summary_line(step: str, result: Any) -> str:
+    """One line per finished step: what it produced, in numbers a user checks first."""
     if not isinstance(result, dict):
         return ""
     if step == "preprocess":
         return f"{result.get('n_records')} protein records from {result.get('n_input_files')} files, {result.get('n_rejected')} rejected (see store/rejects.parquet)"
+    if step == "dataset":
+        ex = result.get("examples") or {}
+        per_stage = ", ".join(f"{k} {v.get('total')}" for k, v in ex.items() if isinstance(v, dict))
+        prot = (result.get("proteins") or {}).get("by_split") or {}
+        return f"examples: {per_stage}; proteins by split {prot}"
     if step in ("stage0", "stage1", "stage2"):
         m = result.get("metrics", {})
-        shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, (int, float)) and ("loss" in k or "acc" in k)}
-        return f"model -> {result.get('model_dir')}  {shown}"
+        parts = []
+        if "loss" in m:
+            parts.append(f"loss {m['first_loss']:.4g} -> {m['loss']:.4g}" if "first_loss" in m else f"loss {m['loss']:.4g}")
+        if "val_loss" in m:
+            parts.append(f"val_loss {m['val_loss']:.4g}")
+        parts.append(f"model -> {result.get('model_dir')}")
+        return ", ".join(parts)
     return ""
 
 
-def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from sepit.ray_runtime import init_ray
-    from sepit.tracking import log_params, resolve_tracking_uri, start_run
+def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the selected steps; each shows a header, one progress display and a summary line.
+
+    Ray, DeepSpeed and MLflow output goes to ``<out>/logs/`` (``--verbose`` shows it too); ``log``
+    receives the project's own lines (default: the console).
+    """
+    import mlflow  # its logger is configured at import: before the capture reroutes it
+
+    from sepit.console import capture_logs, say
 
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     typed = validate(cfg)
     save_yaml(cfg, out / "pipeline.yaml")
+    with capture_logs(out) as logs:
+        (log or say)(f"sepit pipeline ({cfg.preset}): {len(cfg.steps)} steps -> {out}  (Ray/DeepSpeed/MLflow logs: {logs})")
+        return _run_steps(cfg, typed, out, log or say, mlflow)
+
+
+def _run_steps(cfg: PipelineConfig, typed: dict[str, Any], out: Path, log: Callable[[str], None], mlflow: Any) -> dict[str, Any]:
+    import ray
+
+    from sepit.console import rerouted
+    from sepit.ray_runtime import init_ray
+    from sepit.tracking import log_params, resolve_tracking_uri, start_run
+
+    started_ray = not ray.is_initialized()
     init_ray(address=cfg.ray_address, num_cpus=cfg.num_cpus)
     uri = resolve_tracking_uri(cfg.tracking_uri, out)
     for step_cfg in typed.values():  # every step logs to the pipeline's store
@@ -213,43 +243,56 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] = print) -> dic
         typed["evaluate"].tracking_uri = uri
     results: dict[str, Any] = {}
     t_all = time.time()
-    with start_run(f"pipeline-{cfg.preset}", tracking_uri=uri, tags={"sepit.kind": "pipeline"}) as run:
-        log_params({"preset": cfg.preset, "steps": cfg.steps, "out": str(out)})
-        import mlflow
-
-        mlflow.log_dict(to_dict(cfg), "pipeline.yaml")
-        for i, step in enumerate(cfg.steps, 1):
-            _, fn = _impl(step)
-            done = out / f".{step}.done"
-            if done.exists() and step in ("preprocess", "dataset", "evaluate"):
-                log(f"[{i}/{len(cfg.steps)}] {step}: already done ({done}), skipping")
-                results[step] = json.loads(done.read_text())
-                continue
-            log(f"[{i}/{len(cfg.steps)}] {step} ...")
-            t0 = time.time()
-            result = _call(step, fn, typed[step], run.info.run_id)
-            dt = time.time() - t0
-            results[step] = result
-            mlflow.log_metric(f"pipeline.{step}_seconds", dt)
-            done.write_text(json.dumps(result, default=str))
-            log(f"[{i}/{len(cfg.steps)}] {step}: done in {dt:.0f} s {_summary_line(step, result)}")
-        mlflow.log_metric("pipeline.total_seconds", time.time() - t_all)
-        results["mlflow_run_id"] = run.info.run_id
+    try:
+        with start_run(f"pipeline-{cfg.preset}", tracking_uri=uri, tags={"sepit.kind": "pipeline"}) as run:
+            log_params({"preset": cfg.preset, "steps": cfg.steps, "out": str(out)})
+            mlflow.log_dict(to_dict(cfg), "pipeline.yaml")
+            for i, step in enumerate(cfg.steps, 1):
+                _, fn = _impl(step)
+                done = out / f".{step}.done"
+                head = f"[{i}/{len(cfg.steps)}] {step}"
+                if done.exists() and step in ("preprocess", "dataset", "evaluate"):
+                    log(f"{head}: already done ({done}), skipping")
+                    results[step] = json.loads(done.read_text())
+                    continue
+                log(f"{head} ...")
+                rerouted()  # loggers a library configured since (e.g. DeepSpeed's at import)
+                t0 = time.time()
+                result = _call(step, fn, typed[step], run.info.run_id)
+                dt = time.time() - t0
+                results[step] = result
+                mlflow.log_metric(f"pipeline.{step}_seconds", dt)
+                done.write_text(json.dumps(result, default=str))
+                summary = _summary_line(step, result)
+                log(f"{head}: done in {_duration(dt)}" + (f"  {summary}" if summary else ""))
+            mlflow.log_metric("pipeline.total_seconds", time.time() - t_all)
+            results["mlflow_run_id"] = run.info.run_id
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()  # inside the capture: Ray's goodbye lines go to the logs too
     results["tracking_uri"] = uri
     results["out"] = str(out)
+    results["total_seconds"] = time.time() - t_all
     return results
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def _final_report(cfg: PipelineConfig, results: dict[str, Any]) -> str:
     out = Path(results["out"])
     p = _paths(out)
-    lines = ["", "sepit pipeline finished", f"  outputs          {out}"]
+    took = f" in {_duration(results['total_seconds'])}" if "total_seconds" in results else ""
+    lines = ["", f"sepit pipeline finished{took}", f"  outputs          {out}"]
     if "stage2" in results:
         lines.append(f"  model (stage 2)  {p['stage2'] / 'model'}")
     if "evaluate" in results:
         lines.append(f"  results          {p['eval'] / 'report.md'}  and  {p['eval'] / 'metrics.json'}")
         closed = _closed_set_lines(results["evaluate"])
         lines.extend(closed)
+    lines.append(f"  logs             {out / 'logs'}  (Ray, DeepSpeed, MLflow; --verbose shows them live)")
     lines.append(f"  MLflow store     {results['tracking_uri']}  (run {results['mlflow_run_id']})")
     lines.append(f"  browse with      mlflow ui --backend-store-uri {results['tracking_uri']}")
     lines.append(f"  serve with       sepit serve --model {p['stage2'] / 'model'}")
