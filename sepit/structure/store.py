@@ -7,7 +7,9 @@ Layout of ``STORE/`` (written by :mod:`sepit.data.preprocess`)::
     manifest.json                    counts (reconciled), config, sha256 per shard, created_at, version
 
 Readers: ``ProteinStore(path).records()``, ``.by_accession()``, ``.table()``, ``.rejects()``,
-``.manifest``, ``.verify()`` (re-hashes shards against the manifest), ``.summary()``.
+``.manifest``, ``.verify()`` (re-hashes shards against the manifest), ``.summary()``.  ``path``
+may be an ``s3://`` / ``gs://`` URI: the store is then read from a local cached copy
+(:func:`sepit.storage.localize_dir`, downloaded once and re-used while the remote is unchanged).
 """
 
 from __future__ import annotations
@@ -71,7 +73,14 @@ class ProteinStore:
     """Read-only view of a protein store folder."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        from sepit.storage import StorageError, is_remote, localize_dir
+
+        self.uri = str(path)
+        """Where the store was opened from (its URI when remote; ``path`` is then the local copy)."""
+        try:
+            self.path = localize_dir(self.uri) if is_remote(self.uri) else Path(path)
+        except StorageError as exc:
+            raise StoreError(f"cannot read the protein store: {exc}") from None
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             raise StoreError(f"{self.path} is not a protein store: {MANIFEST} is missing (run `sepit preprocess`)")

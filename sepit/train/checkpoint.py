@@ -13,6 +13,11 @@ holds, merged from all ranks by Ray Train:
 
 Resume happens only at optimizer-step boundaries, so DeepSpeed's micro-step counter (not saved)
 restarts aligned with gradient accumulation.
+
+Storage: DeepSpeed writes only to local disk, so every rank saves into its own local temporary
+folder and hands it to ``ray.train.report``, which uploads it to the run's storage (a shared
+folder or an object store such as ``s3://``); on resume ``Checkpoint.as_directory()`` downloads
+it to a local folder again, and the functions here only ever see local paths.
 """
 
 from __future__ import annotations

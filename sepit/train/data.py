@@ -1,7 +1,7 @@
 """Feeding training workers from Ray Data: deterministic order, length buckets, dynamic padding.
 
-Driver side (:func:`load_split`, :func:`training_datasets`): a stage's Parquet split as a Ray
-Dataset (training blocks in a seeded random order; small splits materialised once).  Ray Train splits ``train``
+Driver side (:func:`load_split`, :func:`training_datasets`): a stage's Parquet split (a local
+folder or an object-store prefix, :mod:`sepit.storage`) as a Ray Dataset (training blocks in a seeded random order; small splits materialised once).  Ray Train splits ``train``
 across workers with ``streaming_split(equal=True)`` (``get_dataset_shard``) under
 ``preserve_order``, so every worker sees the same rows in the same order on every run: that is
 what makes a resumed or restarted run continue exactly where it stopped.  ``val`` is not split by
@@ -23,9 +23,12 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sepit.storage import Location
 
 SPLITS = ("train", "val", "test")
 #: One collate at a time per process: fast tokenizers refuse concurrent calls ("Already borrowed")
@@ -41,9 +44,12 @@ class EmptySplitError(ValueError):
     """A split has too few rows to give every worker a batch."""
 
 
-def split_path(dataset_dir: str | Path, stage: str, split: str) -> Path:
-    """``DATA/<stage>/<split>.parquet`` (the dataset builder's layout)."""
-    path = Path(dataset_dir) / stage / f"{split}.parquet"
+def split_path(dataset_dir: str | Path, stage: str, split: str) -> "Location":
+    """``DATA/<stage>/<split>.parquet`` (the dataset builder's layout) on any storage
+    (:mod:`sepit.storage`: a local folder or an ``s3://`` / ``gs://`` prefix)."""
+    from sepit.storage import resolve
+
+    path = resolve(dataset_dir).join(stage, f"{split}.parquet")
     if not path.is_file():
         raise DatasetNotFoundError(
             f"{path} does not exist: build the dataset first (sepit build-dataset) or point "
@@ -57,7 +63,8 @@ def load_split(dataset_dir: str | Path, stage: str, split: str, columns: list[st
     import ray.data
 
     path = split_path(dataset_dir, stage, split)
-    ds = ray.data.read_parquet(str(path))
+    # Local files keep Ray's own filesystem choice; object stores pass theirs (endpoint, keys).
+    ds = ray.data.read_parquet(path.path, filesystem=None if path.is_local else path.filesystem)
     return ds.select_columns(columns) if columns else ds
 
 
@@ -65,7 +72,8 @@ def count_rows(dataset_dir: str | Path, stage: str, split: str) -> int:
     """Row count from the Parquet footer (no Ray Data execution)."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(split_path(dataset_dir, stage, split)).metadata.num_rows
+    path = split_path(dataset_dir, stage, split)
+    return pq.read_metadata(path.path, filesystem=path.filesystem).num_rows
 
 
 def training_datasets(
@@ -90,7 +98,7 @@ def training_datasets(
     datasets = {"train": load_split(dataset_dir, stage, "train", columns).randomize_block_order(seed=seed),
                 "val": load_split(dataset_dir, stage, "val", columns)}
     for split, ds in datasets.items():
-        if split_path(dataset_dir, stage, split).stat().st_size <= materialize_mb * 2**20:
+        if split_path(dataset_dir, stage, split).size() <= materialize_mb * 2**20:
             datasets[split] = ds.materialize()
     return datasets, counts
 

@@ -2,8 +2,8 @@
 
 ``lineage.json`` sits in every exported model folder and is logged to the stage's MLflow run
 (with the ``sepit.parent`` tags), so any model can be traced back to the data and code that made
-it.  :func:`resolve_parent` turns ``--init`` (a previous stage's folder or its MLflow run id)
-into a local model folder.
+it.  :func:`resolve_parent` turns ``--init`` (a previous stage's folder, an ``s3://`` / ``gs://``
+URI of one, or its MLflow run id) into a local model folder.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sepit.storage import Location
 
 LINEAGE_FILE = "lineage.json"
 #: The exported model folder inside a stage run's MLflow artifacts.
@@ -36,10 +39,20 @@ class ParentRef:
     """MLflow run id of the parent stage when it was given as one (or recorded in its lineage)."""
     stage: str | None = None
     """The parent's stage name, read from its lineage.json when present."""
+    uri: str | None = None
+    """Where the parent was read from when it is an object-store URI (``path`` is its local copy)."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: "str | Path | Location", chunk: int = 1 << 20) -> str:
+    """sha256 of a local file or of a :class:`sepit.storage.Location` (streamed, not held whole)."""
+    from sepit.storage import Location
+
     h = hashlib.sha256()
+    if isinstance(path, Location):
+        with path.filesystem.open_input_stream(path.path) as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
@@ -72,7 +85,19 @@ def read_lineage(model_dir: str | Path) -> dict[str, Any] | None:
 
 def resolve_parent(ref: str, tracking_uri: str | None, download_to: str | Path | None = None) -> ParentRef:
     """A previous stage's exported folder, or the ``model`` artifact of an MLflow run id (copied
-    into ``download_to`` when given: the stage's output folder, which workers can read)."""
+    into ``download_to`` when given: the stage's output folder, which workers can read).  An
+    ``s3://`` / ``gs://`` folder is downloaded the same way (into ``download_to``, else the cache)."""
+    from sepit.storage import download_dir, is_remote, localize_dir, resolve
+
+    if is_remote(ref):
+        loc = resolve(ref)
+        if loc.join("model", "config.json").is_file() and not loc.join("config.json").is_file():
+            loc = loc.join("model")  # a stage's output folder
+        if not loc.join("config.json").is_file():
+            raise ParentNotFoundError(f"--init {ref}: no model folder there (no config.json under {loc.uri})")
+        local = download_dir(loc, Path(download_to) / "model") if download_to else localize_dir(loc)
+        lin = read_lineage(local) or {}
+        return ParentRef(path=str(local), run_id=lin.get("mlflow_run_id"), stage=lin.get("stage"), uri=loc.uri)
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / "model").is_dir() and not (path / "config.json").is_file():
@@ -95,15 +120,18 @@ def resolve_parent(ref: str, tracking_uri: str | None, download_to: str | Path |
 
 
 def dataset_fingerprint(dataset_dir: str | Path, stage: str) -> dict[str, Any]:
-    """sha256 of the stage's split files and of the dataset card, plus the card's manifest entries."""
-    root = Path(dataset_dir)
+    """sha256 of the stage's split files and of the dataset card, plus the card's manifest entries
+    (the dataset may be a local folder or an object-store prefix)."""
+    from sepit.storage import resolve
+
+    root = resolve(dataset_dir)
     files = {}
     for split in ("train", "val", "test"):
-        p = root / stage / f"{split}.parquet"
+        p = root.join(stage, f"{split}.parquet")
         if p.is_file():
             files[f"{stage}/{split}.parquet"] = sha256_file(p)
-    out: dict[str, Any] = {"dataset_dir": str(root.resolve()), "files": files}
-    card = root / "card.json"
+    out: dict[str, Any] = {"dataset_dir": root.uri, "files": files}
+    card = root.join("card.json")
     if card.is_file():
         out["card_sha256"] = sha256_file(card)
         try:
