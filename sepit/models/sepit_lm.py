@@ -270,7 +270,7 @@ class SepitForConditionalGeneration(nn.Module):
         return collate_proteins(self.encoder.alphabet, list(proteins), max_residues=limit,
                                 truncate=truncate or cfg.crop_residues is not None)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate_ids(self, questions: Sequence[str], proteins: Sequence[tuple], max_new_tokens: int = 128,
                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                      stop: Sequence[str] | None = None, seed: int | None = None,
@@ -285,8 +285,9 @@ class SepitForConditionalGeneration(nn.Module):
         if not questions:
             raise ValueError("generate() needs at least one question")
         encoded = [prompts.encode_prompt(self.tokenizer, q) for q in questions]
-        # LLM prompt length: the <protein> placeholder becomes <cls> residues <eos>.
-        lengths = [len(ids) + 1 + min(len(p[0]), self.config.max_residues) for ids, p in zip(encoded, proteins)]
+        # LLM prompt length: the <protein> placeholder becomes <cls> residues <eos> (residues cropped).
+        limit = min(self.config.max_residues, self.config.crop_residues or self.config.max_residues)
+        lengths = [len(ids) + 1 + min(len(p[0]), limit) for ids, p in zip(encoded, proteins)]
         order: list[int] = []
         batch = None
         for bucket in length_buckets(lengths):
