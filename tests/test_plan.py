@@ -249,3 +249,48 @@ def test_cli_prints_the_plan_and_fails_on_broken_rules(capsys):
     assert "ERROR: ep_size=4 must divide" in captured.out and "refused at launch" in captured.err
     assert sepit_main(["plan", "--preset", "huge"]) == 2
     assert "--preset 'huge'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- evals/gpu_smoke.py
+def _gpu_smoke():
+    import importlib.util
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "evals" / "gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("gpu_smoke", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return path, module
+
+
+def test_gpu_smoke_skips_cleanly_without_cuda():
+    import subprocess
+    import sys
+
+    path, _ = _gpu_smoke()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, str(path), "--steps", "1"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip().splitlines()[-1] == "gpu_smoke: skipped: no CUDA device"
+
+
+def test_gpu_smoke_batches_have_the_planned_shapes(tokenizer):
+    """The smoke's synthetic stage-1/2 batch splices to exactly the plan's LLM length and trains."""
+    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+
+    _, smoke = _gpu_smoke()
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration(SepitConfig.preset("tiny"), tokenizer=tokenizer)
+    plan = make_plan(PlanRequest(preset="tiny", stage=1, gpus=1, micro_batch_size=2, residues=40,
+                                 answer_tokens=200, vocab_size=len(tokenizer)))
+    batch = smoke.instruction_batch(model, 2, 40, plan.shapes.llm_tokens)
+    out = model(**batch)
+    assert out.logits.shape[:2] == (2, plan.shapes.llm_tokens)
+    assert torch.isfinite(out.loss) and int((out.labels != -100).sum()) > 2 * 20
+    assert smoke.bf16_peak_flops("NVIDIA H200") == 989e12 and smoke.bf16_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    paper1 = make_plan(PlanRequest(preset="paper", stage=1, gpus=1))
+    tokens = paper1.shapes.micro_batch * paper1.shapes.llm_tokens
+    # Stage 1 trains every parameter: at least 6 FLOPs per parameter per LLM token.
+    assert smoke.flops_per_step(paper1, 1) > 6 * paper1.params.trainable_dense * tokens * 0.9

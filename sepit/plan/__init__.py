@@ -36,8 +36,9 @@ GIB = 1024**3
 #: DeepSpeed bucket sizes set by sepit.train.deepspeed_config (elements).
 REDUCE_BUCKET = int(5e7)
 ALLGATHER_BUCKET = int(5e7)
-#: Prompt template tokens around the protein span (``sepit.data.prompts``; measured ≤ 64).
-PROMPT_TOKENS = 64
+#: Prompt tokens around the protein span: the system prompt + question template of
+#: ``sepit.data.prompts`` is 92 tokens with the pipeline's own BPE (fewer with Llama's tokenizer).
+PROMPT_TOKENS = 96
 
 
 class PlanError(ValueError):
@@ -204,8 +205,9 @@ def make_plan(req: PlanRequest) -> StagePlan:
     if req.stage == 2:
         notes.append(f"experts per rank: {req.num_experts // ep} of {req.num_experts} in each of "
                      f"{params.moe_layers} MoE layers (ep_size={ep}); expert ZeRO group = {req.gpus // ep} ranks")
-    notes.append("activation checkpointing of the LLM blocks: SepitForConditionalGeneration."
-                 "gradient_checkpointing_enable(); the stage jobs train without it today")
+    if req.stage > 0:
+        notes.append("activation checkpointing of the LLM blocks: SepitForConditionalGeneration."
+                     "gradient_checkpointing_enable(); the stage jobs train without it today")
     return StagePlan(req, params, shapes, states, acts, acts_ckpt, transient, notes, errors)
 
 
