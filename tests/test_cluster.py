@@ -191,7 +191,7 @@ def test_runtime_env_keeps_the_working_directory_far_below_rays_limit(tmp_path):
     size = target.stat().st_size
     names = zipfile.ZipFile(target).namelist()
     print(f"working-dir package: {size / 2**20:.1f} MiB, {len(names)} entries")
-    assert size < RAY_PACKAGE_LIMIT / 10
+    assert size < RAY_PACKAGE_LIMIT / 4  # a quarter: far from the limit and from Ray's 50 MiB warning
     assert "jobs/stage2.py" in names and "sepit/data/build.py" in names
     assert any(n.startswith("sepit/resources/data/") for n in names)  # bundled data the jobs read
     for dropped in (".git/", ".venv/", "runs/", "sepit.egg-info/"):

@@ -226,10 +226,12 @@ def format_plan(plan: StagePlan) -> str:
              f"  longest batch: {s.micro_batch} x ({s.encoder_tokens} encoder tokens"
              + (f", {s.llm_tokens} LLM tokens" if r.stage > 0 else "") + ")",
              "", "  model states per GPU (GiB)   weights  grads  optimizer  total"]
+    zero3_refused = r.stage == 2 or p.has_structure_bias
     for z, st in plan.states_by_zero.items():
         mark = "<-" if z == r.zero_stage else "  "
         lines.append(f"   {mark} ZeRO-{z}                 {_gib(st['weights'])}{_gib(st['gradients'])}"
-                     f"{_gib(st['optimizer'])}{_gib(sum(st.values()))}")
+                     f"{_gib(st['optimizer'])}{_gib(sum(st.values()))}"
+                     + ("   (refused for this stage)" if z == 3 and zero3_refused else ""))
     lines += ["", "  activations per GPU (GiB)    no ckpt   LLM ckpt"]
     for k in plan.activations:
         lines.append(f"     {k:<24}{_gib(plan.activations[k])}  {_gib(plan.activations_ckpt[k])}")
