@@ -36,9 +36,12 @@ LOG_FAMILIES = {
 #: Everything else (the root logger: sepit's own detail lines and other libraries).
 OTHER_LOG = "run.log"
 WORKER_LOG = "ray-workers.log"
-#: Worker/raylet lines worth one console line even when quiet (a crash, an OOM kill).
-_PROBLEM = re.compile(r"Traceback \(most recent call last\)|\bERROR\b|\w+Error: |out of memory|\bOOM\b|SIGKILL|"
-                      r"died unexpectedly|worker .* (crashed|killed)", re.IGNORECASE)
+#: Worker/raylet lines worth one console line even when quiet: the exception line that ends a
+#: traceback, an ERROR record, an OOM kill or a dead worker (not the traceback's frames).
+_PROBLEM = re.compile(r"^(\(.*?\) )?\s*[\w.]*(Error|Exception)(\(.*?\))?:|\bERROR\b|out of memory|\bOOM\b|SIGKILL|"
+                      r"died unexpectedly|worker .* (crashed|killed)")
+#: Ray's prefix of a forwarded line: ``(TaskName pid=123, ip=...) message`` or ``(raylet) message``.
+_WORKER_PREFIX = re.compile(r"^(?:\(([^)]*?)(?:\s*pid=\d+)?(?:, ip=[^)]*)?\)\s)?(.*)$", re.S)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _verbose = os.environ.get("SEPIT_VERBOSE", "") not in ("", "0")
@@ -294,7 +297,9 @@ class _Capture:
                 key = re.sub(r"\d+", "#", line)[:120]
                 if key not in self.surfaced:  # one line per kind of problem, not a flood
                     self.surfaced.add(key)
-                    say(f"  ! {line.strip()[:200]}  (details: {self.log_dir / WORKER_LOG})")
+                    who, msg = _WORKER_PREFIX.match(line).groups()
+                    who = (who or "").strip() or "ray"
+                    say(f"  ! {who}: {msg.strip()[:200]}  (details: {self.log_dir / WORKER_LOG})")
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

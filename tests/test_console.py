@@ -90,6 +90,8 @@ def test_capture_sends_ray_worker_output_and_library_logs_to_run_logs(ray_local,
     # a real problem still reaches the console, in one line that says where the details are
     problem = [ln for ln in shown.out.splitlines() if "broke" in ln]
     assert len(problem) == 1 and str(logs / "ray-workers.log") in problem[0]
+    assert problem[0].startswith("  ! chatty: ERROR something in the worker broke"), problem
+    assert not LIBRARY_NOISE.search(problem[0].replace("ERROR", ""))  # no "(chatty pid=...)" prefix
     # the capture is undone: library loggers print as before
     assert logging.getLogger("ray").handlers == ray_handlers_before
 
