@@ -165,7 +165,7 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
     from sepit.evaluation.metrics import TextMetrics
     from sepit.evaluation.report import clean_json, write_report
     from sepit.evaluation.scoring import RecordScorer, score_systems, summary_lines
-    from sepit.evaluation.verdict import compare
+    from sepit.evaluation.verdict import compare, short_verdict
     from sepit.ray_runtime import set_local_defaults
 
     set_local_defaults()
@@ -272,7 +272,7 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
                  "n_evaluated": len(rows), "n_sample": len(sample_ids), "n_with_structure": len(struct_rows),
                  "limit": cfg.limit},
         "generation": gen_info,
-        "summary": summary_lines(scored, structured_slice),
+        "summary": {**summary_lines(scored, structured_slice), "model vs baselines": short_verdict(comparisons)},
         "systems": scored,
         "comparisons": comparisons,
         "structured_slice": structured_slice,

@@ -140,3 +140,16 @@ def verdict(result: dict) -> str:
     sentences.append("Differences are paired (same rows), 95% bootstrap CIs; 'indistinguishable' means the CI "
                      "of the difference includes 0.")
     return " ".join(sentences)
+
+
+def short_verdict(comparisons: dict[str, dict[str, dict]], others: Sequence[str] = ("majority", "nearest_neighbour")
+                  ) -> str:
+    """One console line: per closed-set task, the model (likelihood) against each baseline in words."""
+    bits = []
+    for task in CLOSED_TASKS:
+        for other in others:
+            d = comparisons.get(task, {}).get(other)
+            if d is not None:
+                name = {"majority": "majority", "nearest_neighbour": "nearest neighbour"}.get(other, other)
+                bits.append(f"{task} {_judge(d)} {name} ({_diff(d, 'pts')})")
+    return "; ".join(bits)

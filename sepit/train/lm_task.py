@@ -31,16 +31,34 @@ def llm_tokenizer(path: str):
     return load_llm_tokenizer(path)
 
 
+LOSS_PER = ("token", "example")
+
+
+def example_mean_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each example's labelled tokens, then over examples
+    (rows without a labelled token are left out).  logits [B, T, V], labels [B, T] (-100 = ignore)."""
+    import torch.nn.functional as F
+
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    n = (shift_labels != IGNORE_INDEX).sum(1)
+    per_example = tok.sum(1) / n.clamp_min(1)
+    return per_example[n > 0].mean()
+
+
 class InstructionTask(TrainTask):
     """Stage 1/2 base: subclasses build the model, choose parameter groups and export."""
 
     columns = ["id", "question", "answer", "sequence", "coords", "coord_mask"]
 
-    def __init__(self, *, tokenizer_path: str, alphabet: str, max_residues: int, max_answer_tokens: int):
+    def __init__(self, *, tokenizer_path: str, alphabet: str, max_residues: int, max_answer_tokens: int,
+                 loss_per: str = "token"):
         self.tokenizer_path = tokenizer_path
         self.alphabet = alphabet
         self.max_residues = max_residues
         self.max_answer_tokens = max_answer_tokens
+        self.loss_per = loss_per
         self._expert_counts: dict[int, torch.Tensor] = {}
 
     def record_crop(self, model) -> None:
@@ -91,6 +109,12 @@ class InstructionTask(TrainTask):
     def forward_loss(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     protein=batch["protein"], labels=batch["labels"])
+        loss = out.loss
+        if self.loss_per == "example":
+            # Every example weighs the same, whatever its answer's length: with the token mean a
+            # 200-token function description outweighs a hundred "Yes"/"No" answers.
+            lm = example_mean_lm_loss(out.logits, out.labels)
+            loss = lm if out.aux_loss is None else lm + unwrap(model).config.moe.aux_loss_coef * out.aux_loss
         parts = {"lm_loss": float(out.lm_loss.detach())}
         if out.aux_loss is not None:
             parts["aux_loss"] = float(out.aux_loss.detach())
@@ -99,7 +123,7 @@ class InstructionTask(TrainTask):
                 for layer, counts in module.moe_stats().items():
                     c = torch.tensor(counts, dtype=torch.float64)
                     self._expert_counts[layer] = self._expert_counts.get(layer, 0) + c
-        return out.loss, parts
+        return loss, parts
 
     def step_metrics(self, model) -> dict[str, float]:
         """Tokens routed to each expert per MoE layer in this optimizer step, summed over ranks

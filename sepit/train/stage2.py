@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from sepit.config.base import ConfigError, check_range, to_dict
+from sepit.config.base import ConfigError, check_choice, check_range, to_dict
 from sepit.models.moe import MoEConfig
 
 from .config import TrainConfig
 from .deepspeed_config import check_zero_for_moe
 from .launch import run_training
 from .lineage import resolve_parent
-from .lm_task import InstructionTask
+from .lm_task import LOSS_PER, InstructionTask
 from .stage_common import StageDataConfig, StageInitError, add_stage_arguments, check_model_folder, run_cli, train_preset
 
 SEPIT_MODEL_TYPE = "sepit"
@@ -50,6 +50,10 @@ class Stage2JobConfig:
     """Override the stage-1 model's structure dropout (None keeps it, 0.15 by default)."""
     max_answer_tokens: int = 384
     """Answer LLM tokens kept per example (longer answers are cut; prompts are kept whole)."""
+    loss_per: str = "token"
+    """"token": the LM loss is the mean over every answer token of the batch (the usual SFT loss);
+    "example": each example's answer tokens are averaged first, so a one-token "Yes" weighs as much
+    as a long description (closed-set questions otherwise barely move the model)."""
 
     def __post_init__(self) -> None:
         check_zero_for_moe(self.train.zero_stage)  # fail now, not inside deepspeed.initialize on every worker
@@ -59,6 +63,7 @@ class Stage2JobConfig:
             raise ConfigError("moe.exported=true describes an inference export; stage 2 trains DeepSpeed MoE blocks")
         check_range(self.llm_lr_ratio, "llm_lr_ratio", lo=0)
         check_range(self.max_answer_tokens, "max_answer_tokens", lo=1)
+        check_choice(self.loss_per, "loss_per", LOSS_PER)
         if self.structure_dropout is not None:
             check_range(self.structure_dropout, "structure_dropout", lo=0, hi=1)
 
@@ -74,7 +79,8 @@ class Stage2Task(InstructionTask):
 
     def __init__(self, cfg: Stage2JobConfig, init_dir: str, alphabet: str):
         super().__init__(tokenizer_path=str(Path(init_dir) / "tokenizer"), alphabet=alphabet,
-                         max_residues=cfg.train.max_residues, max_answer_tokens=cfg.max_answer_tokens)
+                         max_residues=cfg.train.max_residues, max_answer_tokens=cfg.max_answer_tokens,
+                         loss_per=cfg.loss_per)
         self.init_dir = init_dir
         self.moe = cfg.moe
         self.llm_lr_ratio = cfg.llm_lr_ratio
