@@ -246,6 +246,7 @@ class _Capture:
     def handler(self, name: str) -> logging.FileHandler:
         if name not in self.files:
             h = logging.FileHandler(self.log_dir / name, encoding="utf-8")
+            h.setLevel(logging.INFO)  # Ray Data logs DEBUG (MBs of operator stats) to its own session file
             h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             self.files[name] = h
         return self.files[name]
