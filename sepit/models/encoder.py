@@ -220,13 +220,10 @@ class ProteinEncoder(nn.Module):
             sb = self.structure_bias(coords, coord_mask)
             x = x + sb.edge_embedding.to(x.dtype)
             attn_bias = sb.attn_bias.to(x.dtype)  # [B, H, L, L]
-        elif self.structure_bias is not None:
+        elif self.structure_bias is not None and self._bias_call_required():
             # A batch without coordinates still calls the bias module (on a 2-residue input with
-            # nothing valid: exactly zero here), so every data-parallel rank calls the same
-            # modules in the same order whatever its batch holds: ZeRO-3 gathers parameters by
-            # module call (in training and in no-grad validation alike; a rank skipping the call
-            # leaves the others waiting in the gather), and the gradient reducers expect a
-            # gradient for every trainable parameter.
+            # nothing valid: exactly zero here) when data-parallel ranks must agree (see
+            # _bias_call_required); plain inference skips it.
             dummy = self.structure_bias(x.new_zeros(1, 2, 3, dtype=torch.float32),
                                         torch.zeros(1, 2, dtype=torch.bool, device=x.device))
             x = x + 0.0 * (dummy.attn_bias.sum() + dummy.edge_embedding.sum()).to(x.dtype)
@@ -254,6 +251,21 @@ class ProteinEncoder(nn.Module):
             hidden_states=tuple(hidden) if hidden is not None else None,
             structure_bias=attn_bias if (return_structure_bias and use_structure) else None,
         )
+
+    def _bias_call_required(self) -> bool:
+        """Whether a forward without coordinates must still call the structure bias.
+
+        ZeRO-3 (its parameters carry DeepSpeed's ``ds_id``) gathers parameters per module call,
+        so every rank must call the same modules in the same order, in training and in no-grad
+        validation alike; a rank skipping the call leaves the others waiting in the gather.
+        ZeRO-1/2 reduce gradients in buckets filled as they arrive, so in training every rank
+        needs a gradient for every trainable bias parameter (a rank without them aborted the
+        gloo all-reduce: stage 1, 2 ranks, ZeRO-2).
+        """
+        params = list(self.structure_bias.parameters())
+        if any(hasattr(p, "ds_id") for p in params):
+            return True
+        return torch.is_grad_enabled() and any(p.requires_grad for p in params)
 
     # ------------------------------------------------------------------ groups, save, load
     def new_parameters(self) -> list[nn.Parameter]:

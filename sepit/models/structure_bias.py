@@ -25,12 +25,22 @@ nothing to the edge feature; invalid pairs still get 0.  With a radius above the
 distance (or k ≥ L) the sparse result equals the dense one.  Memory: O(E·K) features for E edges
 plus the [B, H, L, L] output; the graph is built with chunked distance rows (O(chunk·L)), in
 pure torch (torch-geometric's radius/knn graph needs pyg-lib or torch-cluster, absent here).
+
+ZeRO-3.  DeepSpeed ZeRO-3 gathers a module's partitioned parameters when the module is called,
+and every data-parallel rank must call the same modules in the same order.  The chunk count
+depends on L, which differs across ranks, so :meth:`StructureBias.forward` calls none of its
+submodules: it reads their parameters directly (``gaussian_basis``, ``_linear32``), and a ZeRO-3
+trainer registers them as external parameters of this module (``ZERO3_READS_CHILD_PARAMETERS``;
+see ``sepit.train.deepspeed_config.register_zero3_child_parameters``), so they are gathered once
+per forward (and once for its backward), whatever L is.  The output is a NamedTuple so ZeRO-3's
+hooks see its tensors (it re-gathers the parameters when their gradient arrives).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +84,7 @@ class StructureBiasConfig:
         check_choice(self.graph, "graph", GRAPH_MODES)
 
 
-@dataclass
-class StructureBiasOutput:
+class StructureBiasOutput(NamedTuple):
     attn_bias: torch.Tensor
     """[B, H, L, L] float32 additive attention bias (0 on pairs lacking a coordinate)."""
     edge_embedding: torch.Tensor
@@ -96,10 +105,15 @@ class GaussianBasis(nn.Module):
         nn.init.uniform_(self.sigma, 0.0, 3.0)
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:  # d: [...] Å -> [..., K]
-        mu = self.mu.float()
-        sigma = self.sigma.float().abs() + 1e-3
-        z = (d.float().unsqueeze(-1) - mu) / sigma
-        return torch.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * sigma)
+        return gaussian_basis(d, self.mu, self.sigma)
+
+
+def gaussian_basis(d: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """φ(d) [..., K] for distances d [...] Å, centres mu [K] and raw widths sigma [K], in fp32."""
+    mu = mu.float()
+    sigma = sigma.float().abs() + 1e-3
+    z = (d.float().unsqueeze(-1) - mu) / sigma
+    return torch.exp(-0.5 * z * z) / (math.sqrt(2 * math.pi) * sigma)
 
 
 def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +125,9 @@ def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class StructureBias(nn.Module):
     """Gaussian-basis distance features → shared per-head attention bias + edge embedding."""
 
+    #: forward reads its submodules' parameters without calling them (see the module docstring).
+    ZERO3_READS_CHILD_PARAMETERS = True
+
     def __init__(self, config: StructureBiasConfig):
         super().__init__()
         self.config = config
@@ -121,6 +138,9 @@ class StructureBias(nn.Module):
         self.edge_proj = nn.Linear(k, config.embed_dim)
 
     # ------------------------------------------------------------------ pieces of the formula
+    def basis(self, d: torch.Tensor) -> torch.Tensor:  # [...] Å -> [..., K], no module call
+        return gaussian_basis(d, self.gaussian.mu, self.gaussian.sigma)
+
     def pair_bias(self, phi: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., H]
         return _linear32(self.pair_mlp[2], F.gelu(_linear32(self.pair_mlp[0], phi)))
 
@@ -129,7 +149,7 @@ class StructureBias(nn.Module):
         diff = coords[:, start:end, None, :] - coords[:, None, :, :]  # [B, c, L, 3]
         d = diff.square().sum(-1).sqrt()  # [B, c, L] Å
         valid = mask[:, start:end, None] & mask[:, None, :]  # [B, c, L] both ends have coords
-        phi = self.gaussian(d).masked_fill(~valid.unsqueeze(-1), 0.0)  # [B, c, L, K]
+        phi = self.basis(d).masked_fill(~valid.unsqueeze(-1), 0.0)  # [B, c, L, K]
         bias = self.pair_bias(phi).masked_fill(~valid.unsqueeze(-1), 0.0)  # [B, c, L, H]
         return bias, phi.sum(2)
 
@@ -209,7 +229,7 @@ class StructureBias(nn.Module):
         B, L = mask.shape
         b, i, j = self.residue_graph(coords, mask)
         d = (coords[b, i] - coords[b, j]).square().sum(-1).sqrt()  # [E] Å
-        phi = self.gaussian(d)  # [E, K]
+        phi = self.basis(d)  # [E, K]
         zero_phi = phi.new_zeros(1, phi.shape[-1])
         off_graph = self.pair_bias(zero_phi)[0]  # [H]: MLP(0), the bias of a valid non-edge pair
         valid = mask[:, None, :, None] & mask[:, None, None, :]  # [B, 1, L, L]

@@ -1,9 +1,14 @@
 """DeepSpeed configs built from :class:`TrainConfig`, and the ZeRO checks stages rely on.
 
 ZeRO-3 gathers each submodule's parameters collectively when that submodule runs, so every rank
-must run the same submodules in every forward.  A model that skips a submodule depending on the
-data (e.g. a structure bias skipped for a batch without coordinates) desynchronises the ranks'
-gathers under ZeRO-3; such models train with ZeRO <= 2.
+must run the same submodules, in the same order, in every forward (training and no-grad
+validation).  Models keep to that: the encoder calls its structure bias even for a batch without
+coordinates, and the structure bias calls none of its submodules per row chunk (their number
+depends on the sequence length); it reads their parameters directly instead, and
+:func:`register_zero3_child_parameters` makes ZeRO-3 gather them when the bias module runs.
+(Not a ZeRO-3 "leaf module": DeepSpeed reduces a leaf's gradients in a full backward hook, which
+fires before the parameter gradients exist when no input of the module needs a gradient, and a
+bias gradient was left unreduced that way.)
 
 Optimizer: a client ``torch.optim.AdamW`` over the stage's parameter groups (no FusedAdam
 compile; ``zero_allow_untested_optimizer`` lets ZeRO wrap it).  With optimizer offload
@@ -32,22 +37,25 @@ def check_zero_for_moe(zero_stage: int, *, field: str = "train.zero_stage") -> N
         )
 
 
-def check_zero3_structure_bias(zero_stage: int, has_structure_bias: bool, *,
-                               field: str = "train.zero_stage") -> None:
-    """Refuse ZeRO-3 for a model whose protein encoder has the structure bias.
+def register_zero3_child_parameters(model: Any) -> int:
+    """Register, under ZeRO-3, the parameters a module reads without calling their submodules.
 
-    Measured on DeepSpeed 0.18 (2 CPU ranks, stage 1 tiny): with the bias module hooked
-    normally, ranks whose batches differ in length call its submodules a different number of
-    times and the partitioned-parameter gathers hang in validation; registered as a ZeRO-3 leaf
-    module, a bias parameter's gradient is left unreduced at the optimizer step.  Until that is
-    solved a clear error beats a hang; ZeRO 0-2 (or a sequence-only encoder) train these stages.
+    A module whose class sets ``ZERO3_READS_CHILD_PARAMETERS = True`` (the structure bias) uses its
+    submodules' parameters in its own forward; ZeRO-3 would otherwise gather them only when those
+    submodules are called, which they never are.  Registered as external parameters of that
+    module they are gathered for its forward and its backward, once per call.  Returns the
+    number of parameters registered.  Call after ``deepspeed.initialize`` (parameters are then
+    ZeRO-3 parameters, identical objects to the model's).
     """
-    if zero_stage == 3 and has_structure_bias:
-        raise ConfigError(
-            f"{field}=3: ZeRO-3 is not supported for an encoder with the 3D structure bias (its "
-            f"per-chunk module calls differ across ranks and ZeRO-3's parameter gathers would hang); "
-            f"use {field}=0, 1 or 2, or a sequence-only encoder (encoder.use_structure=false)."
-        )
+    import deepspeed
+
+    n = 0
+    for module in model.modules():
+        if getattr(module, "ZERO3_READS_CHILD_PARAMETERS", False):
+            for param in module.parameters():
+                deepspeed.zero.register_external_parameter(module, param)
+                n += 1
+    return n
 
 
 def resolve_device(device: str) -> str:

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import EpochFeeder, ValidationRows
 from .deepspeed_config import (
     build_deepspeed_config,
-    check_zero3_structure_bias,
+    register_zero3_child_parameters,
     resolve_device,
     resolve_precision,
 )
@@ -132,10 +132,6 @@ def _build_engine(task: TrainTask, cfg: TrainConfig, precision: str):
     import deepspeed
 
     model = task.build_model()
-    from sepit.models.structure_bias import StructureBias
-
-    # Job configs refuse this early; the check here also covers an --init folder's encoder.
-    check_zero3_structure_bias(cfg.zero_stage, any(isinstance(m, StructureBias) for m in model.modules()))
     scalars = promote_scalar_parameters(model)
     groups = task.param_groups(model, cfg.lr)
     _check_groups(model, groups)
@@ -154,6 +150,8 @@ def _build_engine(task: TrainTask, cfg: TrainConfig, precision: str):
                                       weight_decay=cfg.weight_decay)
         engine, optimizer, _, sched = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if cfg.zero_stage == 3:
+        register_zero3_child_parameters(engine.module)  # e.g. the structure bias's MLP weights
     return engine, optimizer, sched, scalars
 
 

@@ -24,7 +24,6 @@ from sepit.config.base import check_range, to_dict
 from sepit.models.stage0 import Stage0Config
 
 from .config import TrainConfig
-from .deepspeed_config import check_zero3_structure_bias
 from .launch import run_training
 from .lineage import ParentRef
 from .stage_common import StageDataConfig, StageInitError, add_stage_arguments, run_cli, train_preset
@@ -45,7 +44,6 @@ class Stage0JobConfig:
 
     def __post_init__(self) -> None:
         check_range(self.new_module_lr_mult, "new_module_lr_mult", lo=0, lo_inclusive=False)
-        check_zero3_structure_bias(self.train.zero_stage, self.model.encoder.use_structure)
 
 
 def stage0_preset(name: str) -> dict[str, Any]:
