@@ -10,6 +10,14 @@ Resuming: Ray Train keeps a run snapshot in ``<output_dir>/ray_results/<run_name
 ``fit()`` with the same storage path and name restarts from its latest checkpoint (ours holds
 model, optimizer, scheduler, step, RNG and data position), so re-running a stage with the same
 output folder continues where it stopped (including after ``max_steps`` was raised).
+
+Object stores: ``train.output_dir`` may be ``s3://bucket/prefix`` (or ``gs://``; see
+:mod:`sepit.storage`).  Ray Train then keeps its run snapshot and checkpoints at
+``<output_dir>/ray_results`` on the store (workers save DeepSpeed state to a local temporary
+folder and ``ray.train.report`` uploads it; a resume downloads it), and everything else is
+written to the local staging folder ``cfg.out_path`` and uploaded at the end: ``model/`` (with
+``lineage.json``), ``config.yaml``, ``train_log.jsonl``, ``loss_curve.png``, ``mlflow_run.json``.
+A re-run on another machine fetches ``train_log.jsonl`` and ``mlflow_run.json`` back first.
 """
 
 from __future__ import annotations
@@ -17,8 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +48,10 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainingOutcome:
-    output_dir: Path
-    model_dir: Path
+    output_dir: Path | str
+    """The run's output folder (its URI when ``train.output_dir`` is an object store)."""
+    model_dir: Path | str
+    """The exported model folder (``<output_dir>/model``; a URI on an object store)."""
     mlflow_run_id: str
     tracking_uri: str
     metrics: dict[str, float]
@@ -81,7 +90,7 @@ def _check_cpus_for_streaming(cfg: TrainConfig, dataset_dir: str | Path, data_st
 
     from .data import split_path
 
-    streamed = [s for s in ("train", "val") if split_path(dataset_dir, data_stage, s).stat().st_size
+    streamed = [s for s in ("train", "val") if split_path(dataset_dir, data_stage, s).size()
                 > cfg.materialize_mb * 2**20]
     free = ray.cluster_resources().get("CPU", 0.0) - cfg.num_workers * cfg.cpus_per_worker
     if streamed and free < 1:
@@ -127,21 +136,25 @@ def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tr
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from sepit.storage import resolve
+
     from .deepspeed_config import resolve_device
     from .loop import train_worker
 
+    ray_results = resolve(cfg.output_dir).join("ray_results")
     device = resolve_device(cfg.device)
     resources = {"CPU": cfg.cpus_per_worker}
     if device == "cuda":
         resources["GPU"] = 1
     return TorchTrainer(
         train_worker,
-        train_loop_config={"task": task, "train": cfg, "mlflow": tracking, "val_rows": counts.get("val", 0)},
+        train_loop_config={"task": task, "train": _worker_config(cfg), "mlflow": tracking, "val_rows": counts.get("val", 0)},
         torch_config=TorchConfig(backend="nccl" if device == "cuda" else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=device == "cuda",
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=cfg.run_name, storage_path=str(cfg.storage_path),
+            name=cfg.run_name, storage_path=ray_results.path,
+            storage_filesystem=None if ray_results.is_local else ray_results.filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             # Ray Train's print patch tees every print to its logger: progress lines would show twice.
@@ -169,6 +182,46 @@ def _final_metrics(cfg: TrainConfig, reported: dict[str, Any]) -> dict[str, floa
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
+def _worker_config(cfg: TrainConfig) -> TrainConfig:
+    """The config the workers get: with a remote ``output_dir`` their step log and markers go to
+    the driver's staging folder (an explicit path, so workers need not share its environment)."""
+    from sepit.storage import is_remote
+
+    return replace(cfg, output_dir=str(cfg.out_path)) if is_remote(cfg.output_dir) else cfg
+
+
+#: Run files that live beside ``model/`` in the output folder and follow it to an object store.
+RUN_FILES = ("config.yaml", "train_log.jsonl", "loss_curve.png", MLFLOW_RUN_FILE)
+
+
+def _pull_run_files(cfg: TrainConfig) -> None:
+    """Remote output: fail early on a missing bucket / bad credentials (before Ray starts), and
+    fetch the step log and MLflow run record of an earlier run into an empty staging folder."""
+    from sepit.storage import is_remote, require_bucket, resolve
+
+    if not is_remote(cfg.output_dir):
+        return
+    output = resolve(cfg.output_dir)
+    require_bucket(output)
+    for name in ("train_log.jsonl", MLFLOW_RUN_FILE):
+        remote, local = output.join(name), cfg.out_path / name
+        if not local.exists() and remote.is_file():
+            local.write_bytes(remote.read_bytes())
+
+
+def _publish_outputs(cfg: TrainConfig) -> str:
+    """Remote output: upload the exported model and the run files; returns where the model is."""
+    from sepit.storage import is_remote, resolve, upload_dir
+
+    if not is_remote(cfg.output_dir):
+        return str(cfg.model_dir)
+    output = resolve(cfg.output_dir)
+    for name in RUN_FILES:
+        if (cfg.out_path / name).is_file():
+            output.join(name).write_bytes((cfg.out_path / name).read_bytes())
+    return upload_dir(cfg.model_dir, output.join("model")).uri
+
+
 def run_training(
     task: TrainTask,
     cfg: TrainConfig,
@@ -181,12 +234,14 @@ def run_training(
     """Train ``task`` on ``<dataset_dir>/<data_stage>/{train,val}.parquet``; see the module doc."""
     import mlflow
 
+    from sepit.storage import download_dir, is_remote, location_of, resolve
     from sepit.tracking import log_dict_artifact, resolve_tracking_uri, start_run
 
     out = cfg.out_path
     out.mkdir(parents=True, exist_ok=True)
     config_dict = to_dict(stage_config)
     save_yaml(stage_config, out / "config.yaml")
+    _pull_run_files(cfg)
     uri = resolve_tracking_uri(cfg.tracking_uri, out)
     previous = _previous_run_id(out, uri)
     ensure_ray(cfg)
@@ -217,21 +272,21 @@ def run_training(
             raise TrainingError(f"{task.stage} training in {out} failed: {exc}") from exc
         ckpt = result.checkpoint
         if ckpt is None:
-            raise TrainingError(f"{task.stage}: Ray Train finished without a checkpoint in {cfg.storage_path}")
-        export = Path(ckpt.path) / EXPORT_SUBDIR
+            raise TrainingError(f"{task.stage}: Ray Train finished without a checkpoint in {cfg.output_dir}/ray_results")
+        ckpt_loc = location_of(ckpt.filesystem, ckpt.path)
+        export = ckpt_loc.join(EXPORT_SUBDIR)
         if not export.is_dir():
-            raise TrainingError(f"{task.stage}: the final checkpoint {ckpt.path} holds no exported model")
-        model_dir = cfg.model_dir
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(export, model_dir)
+            raise TrainingError(f"{task.stage}: the final checkpoint {ckpt_loc} holds no exported model")
+        model_dir = cfg.model_dir  # local; uploaded to <output_dir>/model when that is remote
+        download_dir(export, model_dir)
         metrics = _final_metrics(cfg, result.metrics)
         lineage = build_lineage(stage=task.stage, config=config_dict, parent=parent, data=data_fp,
-                                mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, checkpoint=str(ckpt.path))
+                                mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, checkpoint=ckpt_loc.uri)
         write_lineage(model_dir, lineage)
         save_yaml(stage_config, model_dir / "run_config.yaml")
         mlflow.set_tags({"sepit.lineage.parent": (parent.run_id or parent.path) if parent else "none",
-                         "sepit.model_dir": str(model_dir)})
+                         "sepit.model_dir": str(model_dir) if not is_remote(cfg.output_dir)
+                         else f"{cfg.output_dir.rstrip('/')}/model"})
         mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items()})
         log_dict_artifact(lineage, "lineage.json")
         mlflow.log_artifact(str(out / "config.yaml"))
@@ -239,5 +294,8 @@ def run_training(
         if png:
             mlflow.log_artifact(str(png))
         mlflow.log_artifacts(str(model_dir), MODEL_ARTIFACT)
-    return TrainingOutcome(output_dir=out, model_dir=model_dir, mlflow_run_id=run_id, tracking_uri=uri,
-                           metrics=metrics, checkpoint=str(ckpt.path), lineage=lineage)
+        published = _publish_outputs(cfg)
+    remote = is_remote(cfg.output_dir)
+    return TrainingOutcome(output_dir=resolve(cfg.output_dir).uri if remote else out,
+                           model_dir=published if remote else model_dir, mlflow_run_id=run_id, tracking_uri=uri,
+                           metrics=metrics, checkpoint=ckpt_loc.uri, lineage=lineage)
