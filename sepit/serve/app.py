@@ -10,7 +10,7 @@ Three ways to run the same application:
 * Python: ``serve.run(build_app(ServeConfig(model_dir=...)))``.
 
 The application is two deployments: ``SepitIngress`` (FastAPI, no model, CPU only) and
-``SepitModelRunner`` (one model per replica, on CPU or one GPU, dynamic batching).
+``SepitModelRunner`` (one model per replica, on CPU or one GPU, continuous batching).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--replicas", type=int, help="model replicas")
     parser.add_argument("--num-gpus", type=float, choices=[0, 1], help="GPUs per model replica (0 or 1)")
-    parser.add_argument("--max-batch-size", type=int, help="largest dynamic batch")
+    parser.add_argument("--max-batch-size", type=int, help="most rows decoding together per replica")
     parser.add_argument("--api-key-env", help="environment variable holding the API key (default SEPIT_API_KEY)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a new local Ray)")
     parser.add_argument("--num-cpus", type=int, help="logical CPUs of a new local Ray")

@@ -2,7 +2,7 @@
 
 Everything that shapes a deployment lives here: which exported model folder the replicas load,
 where the HTTP proxy listens (loopback unless told otherwise), how many replicas and how they
-autoscale, dynamic batching, per-request limits, the optional API key and generation defaults.
+autoscale, continuous batching, per-request limits, the optional API key and generation defaults.
 Load it from YAML with dotted overrides::
 
     cfg = load_config(ServeConfig, "serve.yaml", overrides=["limits.max_questions=4"])
@@ -129,9 +129,10 @@ class ServeConfig:
     max_ongoing_requests: int = 64
     """Requests a model replica holds at once (queued for a batch or generating)."""
     max_batch_size: int = 8
-    """Largest dynamic batch (generations run together in one ``generate`` call)."""
+    """Most rows decoding together in a replica's continuous-batching loop (more requests queue)."""
     batch_wait_timeout_s: float = 0.01
-    """Longest a request waits for others to fill its batch (bounded wait)."""
+    """Longest an idle replica waits for more arrivals before its first prefill; a busy replica
+    admits new rows between decode steps without waiting."""
     request_timeout_s: float = 60.0
     """Deadline of one request (queueing + generation); past it the client gets 504."""
     api_key: Optional[str] = None

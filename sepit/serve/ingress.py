@@ -65,6 +65,8 @@ class SepitIngress:
             raise NotFound(f"model {name!r} is not served here; GET /v1/models lists {self.model_name!r}", param="model")
 
     async def _protein(self, request) -> ResolvedProtein:
+        if getattr(request, "structure", None) is None:  # a sequence is cleaned in microseconds: no thread hop
+            return resolve_protein(request, self.config.limits)
         # Structure parsing is CPU work; keep the event loop free for other requests.
         return await asyncio.to_thread(resolve_protein, request, self.config.limits)
 

@@ -1,17 +1,18 @@
 """The model replica: loads an exported SEPIT folder, warms up, batches concurrent generations.
 
 :class:`SepitModelRunner` is wrapped as a Ray Serve deployment by :mod:`sepit.serve.app` (one
-model copy per replica, on CPU or one GPU).  Concurrent requests' questions meet in one queue;
-``@serve.batch`` hands them over in groups of up to ``max_batch_size`` after at most
-``batch_wait_timeout_s``, and each group runs as one left-padded, KV-cached decode per distinct
-set of generation options.  The replica counts requests, items, batches and a batch-size histogram
-(``stats()``), which the API exposes at ``GET /v1/stats`` so tests and operators can see that
-concurrent requests really were grouped.
+model copy per replica, on CPU or one GPU).  Generation is batched at the level of decode steps
+(:mod:`sepit.serve.batcher`): one background loop holds up to ``max_batch_size`` rows in flight,
+admits newly arrived questions between two steps (an idle replica waits at most
+``batch_wait_timeout_s`` for company) and answers each row the moment it ends.  Each question is
+tokenised once, when the request is validated.  The replica counts requests, items, admissions
+and decode steps with an admission-size histogram (``stats()``), which the API exposes at
+``GET /v1/stats`` so tests and operators can see that concurrent requests really share steps.
 
 The replica never answers before it is warm: ``__init__`` runs a real generation through the
-same code path as requests, so Serve only routes traffic to it once the model has produced an
-answer.  Model code runs in a worker thread so the replica's event loop keeps queueing new
-requests (and answering health checks) while a batch generates.
+same loop as requests, so Serve only routes traffic to it once the model has produced an
+answer.  The model runs in the loop's thread, so the replica's event loop keeps queueing new
+requests (and answering health checks) while rows decode.
 """
 
 from __future__ import annotations
@@ -20,29 +21,15 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Optional
+from typing import AsyncIterator, Optional
 
 import torch
 
 from ray import serve
 
+from sepit.serve.batcher import ContinuousBatcher, DecodeRequest
 from sepit.serve.config import ServeConfig
 from sepit.serve.protocol import GenerationItem, GenerationResult, StreamEvent
-
-if TYPE_CHECKING:
-    from sepit.serve.streaming import TokenSink
-
-
-@dataclass
-class _Entry:
-    """One queued generation: the item, when it arrived and its deadline (monotonic seconds)."""
-
-    item: GenerationItem
-    enqueued: float
-    deadline: float
-    sink: Optional["TokenSink"] = None
-    """Streaming requests only: receives tokens as they are decoded."""
 
 
 class ModelLoadError(RuntimeError):
@@ -75,15 +62,23 @@ class RunnerStats:
         self._lock = threading.Lock()
         self.requests = 0           # generate()/stream() calls that reached the replica
         self.items = 0              # questions received
-        self.batches = 0            # dynamic batches handed over by @serve.batch
-        self.generate_calls = 0     # batched decodes (one per option group of a batch)
+        self.batches = 0            # admissions: groups of queued questions that joined the decode loop together
+        self.generate_calls = 0     # prefill forward calls (one per length bucket of an admission)
+        self.decode_steps = 0       # decode steps of the loop
+        self.step_rows = 0          # rows summed over decode steps (/ decode_steps = mean rows per step)
         self.generated = 0          # items that were generated
         self.expired = 0            # items skipped because their deadline had passed
         self.refused = 0            # items refused before generation (bad prompt)
         self.failed = 0             # items whose generation raised
         self.completion_tokens = 0
-        self.busy_s = 0.0           # wall time spent decoding
-        self.batch_sizes: Counter[int] = Counter()
+        self.busy_s = 0.0           # wall time spent in prefills and decode steps
+        self.batch_sizes: Counter[int] = Counter()  # admission sizes
+
+    def reset(self) -> None:
+        with self._lock:
+            for name, value in vars(RunnerStats()).items():
+                if not name.startswith("_"):
+                    setattr(self, name, value)
 
     def add(self, **deltas) -> None:
         with self._lock:
@@ -100,6 +95,7 @@ class RunnerStats:
             out = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "batch_sizes"}
             out["batch_size_histogram"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
             out["max_batch_size_seen"] = max(self.batch_sizes, default=0)
+            out["mean_rows_per_step"] = round(self.step_rows / self.decode_steps, 2) if self.decode_steps else 0.0
         return out
 
 
@@ -112,12 +108,10 @@ class SepitModelRunner:
         self.model = load_exported_model(config.model_dir, self.device)
         self.tokenizer = self.model.tokenizer
         self.stats_ = RunnerStats()
-        self._model_lock = threading.Lock()  # one generation at a time on this model copy
-        self._generate_batched.set_max_batch_size(config.max_batch_size)
-        self._generate_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.warm = False
+        self.batcher = ContinuousBatcher(self.model, config.max_batch_size, config.batch_wait_timeout_s, self.stats_)
         self.warmup_ms = self._warm_up()
-        self.stats_ = RunnerStats()  # counters start after the warm-up: they describe traffic
+        self.stats_.reset()  # counters start after the warm-up: they describe traffic
 
     # ------------------------------------------------------------------ readiness
     def _warm_up(self) -> float:
@@ -127,8 +121,8 @@ class SepitModelRunner:
             max_new_tokens=min(8, self.config.generation.max_new_tokens),
         )
         t0 = time.perf_counter()
-        now = time.monotonic()
-        (result,) = self._decode_group([_Entry(item, now, now + 600.0)])
+        refusal, request = self._request(item, 600.0)
+        result = refusal or self.batcher.submit(request).result(timeout=600.0)
         if result.error:
             raise ModelLoadError(f"warm-up generation failed for {self.config.model_dir}: {result.error}")
         self.warm = True
@@ -141,6 +135,8 @@ class SepitModelRunner:
         """Serve's periodic health check: an unhealthy replica is replaced."""
         if not self.warm:
             raise ModelLoadError("replica is not warm")
+        if not self.batcher.alive:
+            raise ModelLoadError("the replica's decode loop has stopped")
 
     def stats(self) -> dict:
         out = self.stats_.snapshot()
@@ -149,113 +145,34 @@ class SepitModelRunner:
         out["replica"] = _replica_id()
         return out
 
-    # ------------------------------------------------------------------ token accounting
-    def prompt_tokens(self, item: GenerationItem) -> int:
-        """LLM prompt length: template tokens + the protein span (<cls> residues <eos>) - placeholder."""
-        from sepit.data.prompts import encode_prompt
-
-        return len(encode_prompt(self.tokenizer, item.question)) - 1 + len(item.sequence) + 2
-
-    def _validate(self, item: GenerationItem) -> Optional[GenerationResult]:
-        """A refusal when this model cannot take the item (checked alone, so a bad item never
-        fails the batch it would have joined), else None."""
-        from sepit.data.prompts import PromptError
-        from sepit.models.protein_batch import ProteinBatchError, collate_proteins
+    # ------------------------------------------------------------------ admission
+    def _request(self, item: GenerationItem, budget_s: float, sink=None
+                 ) -> tuple[Optional[GenerationResult], Optional[DecodeRequest]]:
+        """(refusal, None) when this model cannot take the item (checked alone, so a bad item never
+        fails the rows it would have joined), else (None, a request for the decode loop).  The
+        question is tokenised here, once."""
+        from sepit.data.prompts import PromptError, encode_prompt
+        from sepit.models.protein_batch import ProteinBatchError
 
         try:
-            self.prompt_tokens(item)
+            prompt_ids = encode_prompt(self.tokenizer, item.question)
         except PromptError as exc:
-            return GenerationResult(error=str(exc), error_param="questions")
+            return GenerationResult(error=str(exc), error_param="questions"), None
         try:
-            collate_proteins(self.model.encoder.alphabet, [(item.sequence, item.coords, item.coord_mask)],
-                             max_residues=self.model.config.max_residues)
+            protein = self.model.collate_for_inference([(item.sequence, item.coords, item.coord_mask)])
         except ProteinBatchError as exc:
-            return GenerationResult(error=f"protein: {str(exc).removeprefix('item 0: ')}", error_param="sequence")
-        return None
+            return GenerationResult(error=f"protein: {str(exc).removeprefix('item 0: ')}", error_param="sequence"), None
+        # LLM prompt length: template tokens + the protein span (<cls> residues <eos>, after the
+        # model's inference crop) - the placeholder.
+        prompt_tokens = len(prompt_ids) - 1 + int(protein.attention_mask.sum())
+        now = time.monotonic()
+        return None, DecodeRequest(item, prompt_ids, prompt_tokens, now, now + budget_s, sink)
 
-    # ------------------------------------------------------------------ generation
-    def _decode_group(self, entries: list[_Entry]) -> list[GenerationResult]:
-        """One batched decode for entries that share their options (runs in a worker thread).
-
-        Same maths as ``SepitForConditionalGeneration.generate`` (its input builder and decode
-        loop); the per-token callback also feeds streaming sinks and ends rows whose client is
-        gone or whose deadline passed.
-        """
-        from sepit.models.generation import SamplingConfig, decode_from_embeddings
-        from sepit.serve.streaming import cut_at_stop
-
-        head = entries[0].item
-        stops = [s for s in head.stop if s]
-        cut_short = [False] * len(entries)
-
-        def on_token(row: int, ids: list[int]) -> bool:
-            entry = entries[row]
-            if entry.sink is not None:
-                entry.sink.push(ids)
-                if entry.sink.cancelled.is_set():
-                    cut_short[row] = True
-                    return True
-            if time.monotonic() > entry.deadline:
-                cut_short[row] = True
-                return True
-            if stops:
-                return cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops)[1]
-            return False
-
-        t0 = time.perf_counter()
+    async def _wait(self, request: DecodeRequest) -> GenerationResult:
         try:
-            with self._model_lock, torch.inference_mode():
-                cfg = SamplingConfig(head.max_new_tokens, head.do_sample, head.temperature, head.top_p)
-                s = self.model.build_generation_inputs(
-                    [e.item.question for e in entries],
-                    [(e.item.sequence, e.item.coords, e.item.coord_mask) for e in entries],
-                )
-                ids = decode_from_embeddings(
-                    self.model, self.model.llm, s.inputs_embeds, s.attention_mask, s.position_ids,
-                    self.model.token_ids.eos, self.model.token_ids.pad, cfg, on_token,
-                )
-        except Exception as exc:  # noqa: BLE001 - a failed batch answers its items, never kills the replica
-            if len(entries) > 1:  # isolate the item that broke it: the others still get answers
-                return [self._decode_group([entry])[0] for entry in entries]
-            self.stats_.add(failed=1)
-            return [GenerationResult(error=f"generation failed: {type(exc).__name__}: {exc}")]
-        elapsed = time.perf_counter() - t0
-        uses_structure = bool(self.model.config.encoder.use_structure)
-        results = []
-        for entry, row, short in zip(entries, ids, cut_short):
-            text, _ = cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), stops)
-            has_coords = entry.item.coord_mask is not None and bool(entry.item.coord_mask.any())
-            results.append(GenerationResult(
-                text=text, prompt_tokens=self.prompt_tokens(entry.item), completion_tokens=len(row),
-                finish_reason="length" if len(row) >= head.max_new_tokens else "stop",
-                generate_ms=elapsed * 1000.0, structure_used=uses_structure and has_coords,
-                expired=short and (entry.sink is None or not entry.sink.cancelled.is_set()),
-            ))
-        self.stats_.add(generate_calls=1, generated=len(entries), busy_s=elapsed,
-                        completion_tokens=sum(len(r) for r in ids))
-        return results
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batched(self, entries: list[_Entry]) -> list[GenerationResult]:
-        """A dynamic batch: skip expired entries, then one decode per distinct option set."""
-        start = time.monotonic()
-        self.stats_.record_batch(len(entries))
-        results: list[Optional[GenerationResult]] = [None] * len(entries)
-        groups: dict[tuple, list[int]] = {}
-        for i, entry in enumerate(entries):
-            if start >= entry.deadline or (entry.sink is not None and entry.sink.cancelled.is_set()):
-                results[i] = GenerationResult(expired=True, error="deadline passed while queued")
-                self.stats_.add(expired=1)
-            else:
-                groups.setdefault(entry.item.options_key(), []).append(i)
-        for indices in groups.values():
-            out = await asyncio.to_thread(self._decode_group, [entries[i] for i in indices])
-            for i, res in zip(indices, out):
-                results[i] = res
-        for entry, res in zip(entries, results):
-            res.batch_size = len(entries)
-            res.queue_ms = (start - entry.enqueued) * 1000.0
-        return results
+            return await asyncio.wrap_future(self.batcher.submit(request))
+        finally:
+            request.cancelled.set()  # no-op once answered; ends the row when the caller gave up
 
     async def generate(self, items: list[GenerationItem], budget_s: float) -> list[GenerationResult]:
         """Answer ``items`` (one request's questions) within ``budget_s`` seconds.
@@ -264,31 +181,28 @@ class SepitModelRunner:
         carries an error (the ingress answers 422).
         """
         self.stats_.add(requests=1, items=len(items))
-        refusals = [self._validate(it) for it in items]
-        if any(refusals):
-            self.stats_.add(refused=sum(r is not None for r in refusals))
-            return [r or GenerationResult(error="request refused") for r in refusals]
-        now = time.monotonic()
-        entries = [_Entry(it, now, now + budget_s) for it in items]
-        return list(await asyncio.gather(*(self._generate_batched(e) for e in entries)))
+        checked = [self._request(it, budget_s) for it in items]
+        if any(refusal for refusal, _ in checked):
+            self.stats_.add(refused=sum(refusal is not None for refusal, _ in checked))
+            return [refusal or GenerationResult(error="request refused") for refusal, _ in checked]
+        return list(await asyncio.gather(*(self._wait(request) for _, request in checked)))
 
     async def stream(self, item: GenerationItem, budget_s: float) -> AsyncIterator[StreamEvent]:
-        """Stream one generation as text deltas, then a final event carrying the counts.
+        """Stream one generation as text deltas, then a final event with the counts.
 
-        The item joins the same dynamic batches as non-streamed requests; its tokens reach the
-        client as they are decoded.  If the client goes away, the row stops at its next token.
+        The item's row decodes alongside every other request's rows; its tokens reach the client
+        as they are decoded.  If the client goes away, the row stops at its next step.
         """
         from sepit.serve.streaming import TokenSink
 
         self.stats_.add(requests=1, items=1)
-        refusal = self._validate(item)
+        sink = TokenSink(asyncio.get_running_loop(), self.tokenizer, item.stop)
+        refusal, request = self._request(item, budget_s, sink)
         if refusal:
             self.stats_.add(refused=1)
             yield StreamEvent(done=True, result=refusal)
             return
-        sink = TokenSink(asyncio.get_running_loop(), self.tokenizer, item.stop)
-        now = time.monotonic()
-        task = asyncio.ensure_future(self._generate_batched(_Entry(item, now, now + budget_s, sink)))
+        task = asyncio.ensure_future(self._wait(request))
         try:
             while True:
                 getter = asyncio.ensure_future(sink.queue.get())

@@ -2,7 +2,7 @@
 
 One :class:`GenerationItem` is one (protein, question) generation with its options; a
 ``/v1/answer`` request with three questions sends three items, which the replica's dynamic
-batcher may group with other requests' items.
+decode loop runs alongside other requests' items (options are per item).
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ class GenerationItem:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
 
-    def options_key(self) -> tuple:
-        """Items with equal keys can share one ``generate`` call (options are per call)."""
-        return (self.max_new_tokens, self.do_sample, self.temperature, self.top_p, self.stop)
-
 
 @dataclass
 class GenerationResult:
@@ -43,7 +39,7 @@ class GenerationResult:
     finish_reason: str = "stop"
     """``stop`` (end token or a stop string) or ``length`` (hit ``max_new_tokens``)."""
     batch_size: int = 0
-    """Items in the dynamic batch that produced this result."""
+    """Rows decoding together when this item joined the replica's decode loop."""
     queue_ms: float = 0.0
     generate_ms: float = 0.0
     structure_used: bool = False
