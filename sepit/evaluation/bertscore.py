@@ -81,6 +81,9 @@ class BertScorer:
             raise BertScoreError(f"BERTScore encoder folder {path} has no config.json (need a local HF encoder folder)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a weight-loading bar on the console says nothing to a user
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise BertScoreError(f"cannot load the BERTScore encoder from {path}: {exc}") from exc

@@ -252,6 +252,10 @@ def generate_predictions(
             batch_size=config.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=config.num_replicas),
             num_cpus=config.cpus_per_replica, num_gpus=config.gpus_per_replica or None,
+            # A dead replica is not restarted (its batch fails the run and a rerun resumes from the
+            # journal); restartable actors with constructor arguments in the object store make
+            # Ray's core worker print an error line on the console.
+            max_restarts=0,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             groups: dict[str, list[PredictionRecord]] = {}
