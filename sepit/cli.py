@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("sepit.evaluation.run", "batched generation + metrics + report"),
     "score": ("sepit.evaluation.score", "score an existing predictions file"),
     "serve": ("sepit.serve.app", "Ray Serve HTTP endpoint over an exported model"),
+    "plan": ("sepit.plan", "per-GPU memory and divisibility checks of a stage before launch"),
 }
 
 
@@ -55,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser = argparse.ArgumentParser(prog=f"sepit {name}", description=help_)
     module.add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray/DeepSpeed/MLflow output on the console (always kept in RUN/logs/)")
     args = parser.parse_args(rest)
+    from sepit.console import set_verbose
+
+    set_verbose(args.verbose)
     return int(module.run(args) or 0)
 
 

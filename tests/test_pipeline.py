@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,17 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # the final report says where everything is
     assert f"model (stage 2)  {out.resolve() / 'stage2' / 'model'}" in proc.stdout
     assert "MLflow store     sqlite:///" in proc.stdout
+    # the console: step headers, one progress display per step and summaries, no library output
+    # (Ray/DeepSpeed/MLflow go to RUN/logs/; test_console.py covers the parts)
+    from test_console import LIBRARY_NOISE
+
+    noise = [ln for ln in (proc.stdout + proc.stderr).splitlines() if LIBRARY_NOISE.search(ln)]
+    assert not noise, noise[:10]
+    assert "\r" not in proc.stdout
+    for stage in ("stage0", "stage1", "stage2"):
+        assert re.search(rf"^  {stage}  step 20/20 \(100%\)  loss \S+  val_loss \S+", proc.stdout, re.M), stage
+    assert "RayTrainWorker" in (out / "logs" / "ray-workers.log").read_text()
+    assert "Started a local Ray instance" in (out / "logs" / "ray.log").read_text()
 
     manifest = json.loads((out / "store" / "manifest.json").read_text())
     assert manifest["n_records"] > 100 and manifest["n_input_files"] == 108

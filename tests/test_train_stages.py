@@ -35,24 +35,15 @@ def test_stage2_refuses_zero3_at_config_time(capsys):
     assert "DeepSpeed does not support under ZeRO-3" in capsys.readouterr().err
 
 
-def test_zero3_with_structure_bias_is_refused_with_a_reason(tmp_path, capsys):
+def test_zero3_with_structure_bias_is_accepted_for_stages_0_and_1():
+    # ZeRO-3 trains a structure-biased encoder (tests/test_zero3_structure_bias.py: equal to
+    # ZeRO-2); only stage 2 refuses ZeRO-3 (DeepSpeed MoE, above).
     from sepit.train.stage0 import Stage0JobConfig, stage0_preset
-    from sepit.train.stage1 import Stage1JobConfig, stage1_preset, run_stage1
+    from sepit.train.stage1 import Stage1JobConfig, stage1_preset
 
     for cls, base in ((Stage0JobConfig, stage0_preset("tiny")), (Stage1JobConfig, stage1_preset("tiny"))):
-        with pytest.raises(ConfigError, match=r"train.zero_stage=3: ZeRO-3 is not supported for an encoder with the 3D structure bias"):
-            load_config(cls, overrides=["train.zero_stage=3"], base=base)
-        # a sequence-only encoder may use ZeRO-3
-        load_config(cls, overrides=["train.zero_stage=3", "model.encoder.use_structure=false"], base=base)
-    # stage 1 from a folder: the folder's encoder decides, before any Ray or data work
-    from sepit.models.encoder import EncoderConfig, ProteinEncoder
-
-    ProteinEncoder(EncoderConfig.preset("tiny")).save_pretrained(tmp_path / "enc")
-    cfg = load_config(Stage1JobConfig, overrides=[f"model.encoder_path={tmp_path / 'enc'}", "train.zero_stage=3",
-                                                  f"train.output_dir={tmp_path / 'out'}"], base=stage1_preset("tiny"))
-    with pytest.raises(ConfigError, match="3D structure bias"):
-        run_stage1(cfg)
-    assert not (tmp_path / "out").exists()
+        cfg = load_config(cls, overrides=["train.zero_stage=3"], base=base)
+        assert cfg.train.zero_stage == 3 and cfg.model.encoder.use_structure
 
 
 @pytest.fixture(scope="module")

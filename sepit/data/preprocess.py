@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -105,7 +106,8 @@ class PreprocessConfig:
 
 
 def _log(msg: str) -> None:
-    print(f"[preprocess] {msg}", file=sys.stderr, flush=True)
+    # Details for RUN/logs/ (sepit.console); the console shows the progress display and summary.
+    logging.getLogger("sepit.preprocess").info(msg)
 
 
 # --------------------------------------------------------------------------- work units
@@ -206,6 +208,7 @@ def run_preprocess(config: PreprocessConfig) -> dict[str, Any]:
     from ray.data import DataContext, TaskPoolStrategy
 
     from sepit import __version__
+    from sepit.console import report
     from sepit.ray_runtime import init_ray
 
     t0 = time.time()
@@ -213,7 +216,10 @@ def run_preprocess(config: PreprocessConfig) -> dict[str, Any]:
     found = discover_inputs(inputs, config.formats)
     if not found.files and not found.missing:
         raise PreprocessError(f"no input files found in {inputs} (formats {config.formats})")
-    out = Path(config.out).absolute()
+    from sepit.storage import is_remote, staging_dir, upload_dir
+
+    # An object-store store is written to a local staging folder, then uploaded whole.
+    out = staging_dir(config.out) if is_remote(config.out) else Path(config.out).absolute()
     tmp = _prepare_out(out)
     units = plan_units(found, config.h5_groups_per_unit)
     unit_file = [u["file"] for u in units]
@@ -241,6 +247,7 @@ def run_preprocess(config: PreprocessConfig) -> dict[str, Any]:
                     parse_work_units, fn_kwargs={"options": config.parse_options()}, batch_format="pyarrow",
                     batch_size=None, compute=TaskPoolStrategy(size=config.num_workers), num_cpus=1,
                 )
+                report("preprocess", 0, len(units), unit="units")
                 for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                     for u in set(batch.column("unit").to_pylist()):
                         units_seen[u] += 1
@@ -265,7 +272,11 @@ def run_preprocess(config: PreprocessConfig) -> dict[str, Any]:
                         rejects.append(row)
                     if time.time() - last_log > 2.0:
                         last_log = time.time()
-                        _log(f"{sum(units_seen.values())}/{len(units)} units · {len(seen_ids)} records · {len(rejects)} rejected")
+                        report("preprocess", sum(units_seen.values()), len(units), unit="units",
+                               records=len(seen_ids), rejected=len(rejects))
+            if units:
+                report("preprocess", sum(units_seen.values()), len(units), unit="units",
+                       records=len(seen_ids), rejected=len(rejects))
             writer.close()
         finally:
             ctx.execution_options.preserve_order = previous_order
@@ -275,6 +286,8 @@ def run_preprocess(config: PreprocessConfig) -> dict[str, Any]:
         )
         (tmp / st.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, out)
+        if is_remote(config.out):
+            upload_dir(out, config.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -345,9 +358,13 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sepit.console import capture_logs
+    from sepit.storage import staging_dir
+
     try:
         config = config_from_args(args)
-        manifest = run_preprocess(config)
+        with capture_logs(staging_dir(config.out).parent):  # the store folder is replaced whole
+            manifest = run_preprocess(config)
     except (ConfigError, PreprocessError) as exc:
         print(f"sepit preprocess: {exc}", file=sys.stderr)
         return 2

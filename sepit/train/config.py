@@ -135,7 +135,12 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived paths
     @property
     def out_path(self) -> Path:
-        return Path(self.output_dir).resolve()
+        """The run's local folder: ``output_dir`` itself, or for an object-store ``output_dir``
+        (``s3://...``) its local staging folder (:func:`sepit.storage.staging_dir`), whose model,
+        logs and config :func:`sepit.train.launch.run_training` uploads to the URI."""
+        from sepit.storage import staging_dir
+
+        return staging_dir(self.output_dir)
 
     @property
     def storage_path(self) -> Path:

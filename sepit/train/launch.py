@@ -132,7 +132,7 @@ def _log_params_once(run_id: str, tracking_uri: str, params: dict[str, Any]) -> 
         mlflow.set_tags({k[:250]: v for k, v in changed.items()})
 
 
-def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tracking: dict):
+def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tracking: dict, progress: Any = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -148,7 +148,8 @@ def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tr
         resources["GPU"] = 1
     return TorchTrainer(
         train_worker,
-        train_loop_config={"task": task, "train": _worker_config(cfg), "mlflow": tracking, "val_rows": counts.get("val", 0)},
+        train_loop_config={"task": task, "train": _worker_config(cfg), "mlflow": tracking, "val_rows": counts.get("val", 0),
+                           "progress": progress},
         torch_config=TorchConfig(backend="nccl" if device == "cuda" else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=device == "cuda",
                                      resources_per_worker=resources),
@@ -231,14 +232,32 @@ def run_training(
     stage_config: Any,
     parent: ParentRef | None = None,
 ) -> TrainingOutcome:
-    """Train ``task`` on ``<dataset_dir>/<data_stage>/{train,val}.parquet``; see the module doc."""
-    import mlflow
+    """Train ``task`` on ``<dataset_dir>/<data_stage>/{train,val}.parquet``; see the module doc.
 
-    from sepit.storage import download_dir, is_remote, location_of, resolve
-    from sepit.tracking import log_dict_artifact, resolve_tracking_uri, start_run
+    Ray, DeepSpeed and MLflow output goes to ``<output_dir>/logs/`` (unless an outer command,
+    e.g. the pipeline, already captures it); the console shows one progress display.
+    """
+    from sepit.console import capture_logs
 
     out = cfg.out_path
     out.mkdir(parents=True, exist_ok=True)
+    with capture_logs(out):
+        return _run_training(task, cfg, dataset_dir=dataset_dir, data_stage=data_stage,
+                             stage_config=stage_config, parent=parent)
+
+
+def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path, data_stage: str,
+                  stage_config: Any, parent: ParentRef | None) -> TrainingOutcome:
+    import mlflow
+
+    from sepit.console import rerouted
+    from sepit.storage import download_dir, is_remote, location_of, resolve
+    from sepit.tracking import log_dict_artifact, resolve_tracking_uri, start_run
+
+    from .step_log import training_progress
+
+    rerouted()  # MLflow configured its logger at import
+    out = cfg.out_path
     config_dict = to_dict(stage_config)
     save_yaml(stage_config, out / "config.yaml")
     _pull_run_files(cfg)
@@ -265,9 +284,10 @@ def run_training(
                                        "data.rows": counts, "data.files": data_fp["files"]})
         if previous:
             mlflow.set_tag("sepit.resumed", "true")
-        trainer = _trainer(task, cfg, datasets, counts, {"tracking_uri": uri, "run_id": run_id})
         try:
-            result = trainer.fit()
+            with training_progress(f"{task.stage}", cfg.max_steps) as progress:
+                trainer = _trainer(task, cfg, datasets, counts, {"tracking_uri": uri, "run_id": run_id}, progress)
+                result = trainer.fit()
         except Exception as exc:
             raise TrainingError(f"{task.stage} training in {out} failed: {exc}") from exc
         ckpt = result.checkpoint

@@ -204,7 +204,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                          prefetch=cfg.prefetch_batches)
     val_data = (ValidationRows(ray.train.get_dataset_shard("val"), task, n_rows=val_rows, rank=rank, world=world)
                 if val_rows else None)
-    log = StepLog(cfg.train_log, tracking_uri=tracking.get("tracking_uri"), run_id=tracking.get("run_id")) if rank == 0 else None
+    log = StepLog(cfg.train_log, tracking_uri=tracking.get("tracking_uri"), run_id=tracking.get("run_id"),
+                  progress=loop_config.get("progress")) if rank == 0 else None
     if rank == 0 and ckpt is not None:
         print(f"[{task.stage}] resumed from step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})", flush=True)
 
