@@ -175,3 +175,25 @@ def test_protein_store_and_dataset_build_on_s3(s3, tmp_path):
     with pytest.raises(BuildError, match=rf"s3://{BUCKET}/not_a_dataset is not empty and holds no previous build"):
         build_dataset(BuildConfig(proteins=f"s3://{BUCKET}/store", annotations=[string_info],
                                   out=f"s3://{BUCKET}/not_a_dataset", executor="local"))
+
+
+def test_serving_loads_a_model_from_s3(s3, tmp_path):
+    """`sepit serve --model s3://...`: the config accepts the URI and each replica loads the model
+    from its node's cache; answers equal the local folder's."""
+    import torch
+
+    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.serve.config import ServeConfig
+    from sepit.serve.model_runner import ModelLoadError, load_exported_model
+
+    torch.manual_seed(0)
+    model = SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()
+    model.save_pretrained(tmp_path / "m")
+    uri = f"s3://{BUCKET}/served/model"
+    upload_dir(tmp_path / "m", uri)
+    ServeConfig(model_dir=uri).require_model_dir()
+    remote = load_exported_model(uri, "cpu")
+    q, p = ["What does <protein> do?"], [("MSLEQKKGADIISKILQIQNSIGK", None, None)]
+    assert remote.generate_ids(q, p, max_new_tokens=5) == model.generate_ids(q, p, max_new_tokens=5)
+    with pytest.raises(ModelLoadError, match=rf"s3://{BUCKET}/served/none"):
+        load_exported_model(f"s3://{BUCKET}/served/none", "cpu")

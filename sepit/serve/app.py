@@ -148,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = cli_config(args).require_model_dir()
-        check_model_folder(config.model_dir)
+        from sepit.storage import localize_dir
+
+        check_model_folder(str(localize_dir(config.model_dir)))  # an s3:// model is fetched (and cached) here too
     except ValueError as exc:  # ConfigError and ModelFolderError are ValueErrors
         print(f"sepit serve: {exc}", file=sys.stderr)
         return 2

@@ -184,6 +184,8 @@ class ServeConfig:
 
         if not self.model_dir:
             raise ConfigError("model_dir is required: the exported model folder to serve (--model DIR)")
-        if not Path(self.model_dir).is_dir():
+        from sepit.storage import is_remote
+
+        if not is_remote(self.model_dir) and not Path(self.model_dir).is_dir():
             raise ConfigError(f"model_dir={self.model_dir!r} is not a folder")
         return self

@@ -37,10 +37,16 @@ class ModelLoadError(RuntimeError):
 
 
 def load_exported_model(model_dir: str, device: str):
-    """``SepitForConditionalGeneration.from_pretrained(model_dir)`` on ``device``, in eval mode."""
+    """``SepitForConditionalGeneration.from_pretrained(model_dir)`` on ``device``, in eval mode.
+
+    ``model_dir`` may be an object-store URI (``s3://...``): each replica downloads it into its
+    own node's cache (``sepit.storage.localize_dir``), so replicas on any node can load it."""
     from sepit.models.sepit_lm import SepitForConditionalGeneration
 
     try:
+        from sepit.storage import localize_dir
+
+        model_dir = str(localize_dir(model_dir))
         model = SepitForConditionalGeneration.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001 - any failure here means "this folder is unusable"
         raise ModelLoadError(f"cannot load the SEPIT model in {model_dir}: {type(exc).__name__}: {exc}") from exc
