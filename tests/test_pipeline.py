@@ -50,6 +50,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)  # a user's fresh run starts its own local Ray (not the test session's)
     proc = subprocess.run(
         [sys.executable, "-m", "sepit.cli", "pipeline", "--preset", "tiny", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
