@@ -10,7 +10,7 @@ Each text segment is encoded on its own (``add_special_tokens=False``) and speci
 inserted by id, so the ids of an example are the concatenation of its segments' ids and the
 labelled tokens are exactly the answer's tokens plus the end token.  The user turn holds the
 protein placeholder exactly once; the model replaces the ``<protein>`` id by the protein's
-projected vectors (METHOD.md §3).
+projected vectors (docs/method.md §3).
 """
 
 from __future__ import annotations

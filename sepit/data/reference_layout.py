@@ -1,4 +1,4 @@
-"""Export to and import from the SEPIT reference's data layout (METHOD.md §5).
+"""Export to and import from the SEPIT reference's data layout (docs/method.md §5).
 
 Layout written by :func:`export_reference`::
 

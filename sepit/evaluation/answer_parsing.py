@@ -3,7 +3,7 @@
 Only the *generated* tokens are parsed: the caller passes the decoded new tokens, never the
 prompt.  (The reference searched the decoded prompt + answer with an unescaped regex and took
 the last "yes"/"no" it found, so a question such as "Is it a membrane protein, yes or no?" could
-score itself; METHOD.md §6.)  Every pattern built from data goes through ``re.escape``.
+score itself; docs/method.md §6.)  Every pattern built from data goes through ``re.escape``.
 
 Parsing returns ``None`` when the answer is absent or ambiguous; an unparsed answer counts as
 wrong and the report counts how many there were.

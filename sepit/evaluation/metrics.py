@@ -1,4 +1,4 @@
-"""The paper's text metrics (METHOD.md §6), computed with the reference libraries.
+"""The paper's text metrics (docs/method.md §6), computed with the reference libraries.
 
 Per sample, ×100, then averaged over samples (as the reference ``evaluate_task.py`` does):
 

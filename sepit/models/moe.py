@@ -1,6 +1,6 @@
 """Sparse upcycling of the LLM feed-forwards into mixtures of experts, and their plain export.
 
-Stage 2 (METHOD.md §4) replaces the chosen decoder blocks' ``mlp`` by a mixture of experts whose
+Stage 2 (docs/method.md §4) replaces the chosen decoder blocks' ``mlp`` by a mixture of experts whose
 experts all start as copies of that block's stage-1 feed-forward; only the router is new.
 
 * :class:`SepitMoEBlock` (training) wraps ``deepspeed.moe.layer.MoE`` (expert parallelism,

@@ -1,4 +1,4 @@
-"""SEPIT's protein-conditioned language model (stages 1 and 2; METHOD.md §3–4).
+"""SEPIT's protein-conditioned language model (stages 1 and 2; docs/method.md §3–4).
 
     protein tokens/coords ─► ProteinEncoder (structure-aware ESM-2) ─► hidden_states[-2] [P, Lp, Dp]
         ─► projector Linear(Dp→Dh)·GELU·Linear(Dh→Dl) ─► spliced at <protein> ─► Llama-family LLM
@@ -194,7 +194,7 @@ class SepitForConditionalGeneration(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             enc = self.encoder(protein.tokens, coords, protein.coord_mask if coords is not None else None,
                                return_hidden_states=True)
-        hidden = enc.hidden_states[-2]  # [P, Lp, Dp], second-to-last layer (METHOD.md §3)
+        hidden = enc.hidden_states[-2]  # [P, Lp, Dp], second-to-last layer (docs/method.md §3)
         projected = self.projector(hidden.to(self.projector.fc1.weight.dtype))
         return projected, protein.attention_mask.sum(1)
 
@@ -367,7 +367,7 @@ class SepitForConditionalGeneration(nn.Module):
     def param_groups(self, base_lr: float = 1e-4, encoder_lr_ratio: float = 0.1, llm_lr_ratio: float = 0.1,
                      weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer groups by module membership: projector at ``base_lr``, encoder and LLM at
-        ``base_lr × ratio`` (METHOD.md §3); frozen parameters and empty groups are left out.
+        ``base_lr × ratio`` (docs/method.md §3); frozen parameters and empty groups are left out.
         Each group has a ``name`` (DeepSpeed's MoE group split needs it)."""
         groups = []
         for name, module, lr in (("projector", self.projector, base_lr),

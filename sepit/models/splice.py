@@ -2,7 +2,7 @@
 
 Each prompt row holds the ``<protein>`` id exactly once; it is replaced by the projected vectors
 of that protein's *real* tokens only (``<cls>``, residues, ``<eos>``; never the protein batch's
-padding; METHOD.md §3 fixes the reference, which spliced all 1024 padded positions).  The rows
+padding; docs/method.md §3 fixes the reference, which spliced all 1024 padded positions).  The rows
 then have different lengths and are re-padded on the requested side:
 
 * right padding for training (labels stay aligned, -100 on the protein span and padding);

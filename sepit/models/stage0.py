@@ -1,4 +1,4 @@
-"""Stage 0 (METHOD.md §2): ProteinTextCLIP, the structure warm-up of the protein encoder.
+"""Stage 0 (docs/method.md §2): ProteinTextCLIP, the structure warm-up of the protein encoder.
 
 One forward pass on a corrupted protein batch gives three losses, summed and reported apart:
 

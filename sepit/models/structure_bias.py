@@ -1,4 +1,4 @@
-"""Pairwise-distance structure bias for ESM-2 attention (METHOD.md §1).
+"""Pairwise-distance structure bias for ESM-2 attention (docs/method.md §1).
 
 For one Cα per token (Å) with an explicit validity mask:
 

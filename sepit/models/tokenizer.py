@@ -1,6 +1,6 @@
 """The LLM-side tokenizer: special tokens, a locally trained byte-level BPE, local HF folders.
 
-SEPIT prompts carry one protein placeholder wrapped as ``<bop><protein><eop>`` (METHOD.md §3);
+SEPIT prompts carry one protein placeholder wrapped as ``<bop><protein><eop>`` (docs/method.md §3);
 the model replaces ``<protein>`` by the projected protein vectors.  Padding uses a dedicated
 ``<pad>`` token, never ``</s>``: the reference padded with ``</s>`` and then had to zero the
 embeddings of real end-of-sequence tokens.

@@ -1,6 +1,6 @@
 """The SEPIT reference's ``pdb.h5`` layout into protein records.
 
-Layout (METHOD.md §5): one HDF5 group per UniProt accession holding ``sequence`` (a 1-element
+Layout (docs/method.md §5): one HDF5 group per UniProt accession holding ``sequence`` (a 1-element
 byte-string dataset) and ``node_position`` (``[n, 3]`` float, Cα coordinates in Å, one row per
 residue).  The reference marks a residue without coordinates by an all-zero row; we read such
 rows as missing (``coord_mask=False``), since a real Cα exactly at the origin is not a thing

@@ -47,7 +47,7 @@ class TrainConfig:
     max_steps: int = 100
     """Optimizer steps to train in total (a resumed run continues up to this number)."""
     lr: float = 1e-4
-    """Base learning rate; stages scale it per parameter group (METHOD.md ratios)."""
+    """Base learning rate; stages scale it per parameter group (docs/method.md ratios)."""
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8

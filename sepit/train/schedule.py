@@ -1,6 +1,6 @@
 """Learning-rate schedule: linear warm-up, then cosine or linear decay to a floor.
 
-The schedule is a multiplier on each parameter group's own lr (so METHOD.md's per-module lr
+The schedule is a multiplier on each parameter group's own lr (so docs/method.md's per-module lr
 ratios survive), stepped once per *optimizer* step by DeepSpeed, and saved/restored with the
 DeepSpeed checkpoint.
 """

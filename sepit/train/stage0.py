@@ -1,4 +1,4 @@
-"""Stage 0: structure warm-up of the protein encoder against a frozen text encoder (METHOD.md §2).
+"""Stage 0: structure warm-up of the protein encoder against a frozen text encoder (docs/method.md §2).
 
     sepit stage0 --preset small --data outputs/dataset --out runs/stage0
     python jobs/stage0.py --config stage0.yaml train.num_workers=2
@@ -40,7 +40,7 @@ class Stage0JobConfig:
     """Start the encoder from a ProteinEncoder folder or a local fair-esm ESM-2 ``.pt`` (paper:
     ESM-2 650M); None = random init from ``model.encoder``."""
     new_module_lr_mult: float = 10.0
-    """lr multiplier of the new modules over the backbone (METHOD.md: ×10)."""
+    """lr multiplier of the new modules over the backbone (docs/method.md: ×10)."""
 
     def __post_init__(self) -> None:
         check_range(self.new_module_lr_mult, "new_module_lr_mult", lo=0, lo_inclusive=False)

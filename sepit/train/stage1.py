@@ -1,4 +1,4 @@
-"""Stage 1: caption instruction tuning of protein encoder + projector + LLM (METHOD.md §3).
+"""Stage 1: caption instruction tuning of protein encoder + projector + LLM (docs/method.md §3).
 
     sepit stage1 --preset small --data outputs/dataset --init runs/stage0 --out runs/stage1
     python jobs/stage1.py --config stage1.yaml --init <stage-0 MLflow run id>
@@ -6,7 +6,7 @@
 Builds :class:`~sepit.models.sepit_lm.SepitForConditionalGeneration` from the stage-0 encoder
 (``--init``: stage-0 output folder or MLflow run id; none = the encoder in ``model``) and the LLM
 config (sizes, or a local Hugging Face folder in ``model.llm.path``), and trains all three parts:
-projector at ``train.lr``, encoder and LLM at ``train.lr × 0.1`` (METHOD.md), structure dropout
+projector at ``train.lr``, encoder and LLM at ``train.lr × 0.1`` (docs/method.md), structure dropout
 ``model.structure_dropout`` (0.15).  Exports a self-contained model folder for stage 2.
 """
 
@@ -39,11 +39,11 @@ class Stage1JobConfig:
     init: Optional[str] = None
     """Stage-0 output folder (or its ``model/``) or MLflow run id; None = encoder from ``model``."""
     encoder_lr_ratio: float = 0.1
-    """Encoder lr = train.lr × this (METHOD.md: 0.1)."""
+    """Encoder lr = train.lr × this (docs/method.md: 0.1)."""
     llm_lr_ratio: float = 0.1
-    """LLM lr = train.lr × this (METHOD.md: 0.1); the projector trains at train.lr."""
+    """LLM lr = train.lr × this (docs/method.md: 0.1); the projector trains at train.lr."""
     freeze_encoder: bool = False
-    """Freeze the protein encoder (METHOD.md trains it in stage 1)."""
+    """Freeze the protein encoder (docs/method.md trains it in stage 1)."""
     max_answer_tokens: int = 384
     """Answer LLM tokens kept per example (longer answers are cut; prompts are kept whole)."""
 

@@ -1,4 +1,4 @@
-"""Stage 2: MoE instruction tuning on the full instruction set (METHOD.md §4).
+"""Stage 2: MoE instruction tuning on the full instruction set (docs/method.md §4).
 
     sepit stage2 --preset small --data outputs/dataset --init runs/stage1 --out runs/stage2
     ray job submit --working-dir . -- python jobs/stage2.py --config stage2.yaml --init <run id>
@@ -45,7 +45,7 @@ class Stage2JobConfig:
     llm_lr_ratio: float = 0.1
     """LLM (and expert) lr = train.lr × this; the projector trains at train.lr."""
     freeze_encoder: bool = True
-    """METHOD.md: the protein encoder is frozen in stage 2."""
+    """docs/method.md: the protein encoder is frozen in stage 2."""
     structure_dropout: Optional[float] = None
     """Override the stage-1 model's structure dropout (None keeps it, 0.15 by default)."""
     max_answer_tokens: int = 384

@@ -68,7 +68,7 @@ class SweepConfig:
     """Times Tune restarts a trial that raised (stage 2 itself already retries worker failures)."""
     num_cpus: Optional[int] = None
     """Logical CPUs of a local Ray; default: enough for the concurrent trials' workers and their
-    data feeding (may exceed the cores, see ENVIRONMENT.md)."""
+    data feeding (may exceed the cores, see docs/environment.md)."""
     ray_address: Optional[str] = None
     """Ray cluster to join; default ``RAY_ADDRESS`` or a local Ray on loopback."""
     tracking_uri: Optional[str] = None
@@ -235,7 +235,7 @@ def resolve_inputs(cfg: SweepConfig, tracking_uri: str | None) -> SweepConfig:
 
 def local_cpus_needed(cfg: SweepConfig, stage: Any) -> int:
     """Logical CPUs a local Ray needs: the concurrent trials' workers plus one for each trial's
-    Ray Data feeding and one spare (a starved data pipeline hangs the trainer, ENVIRONMENT.md)."""
+    Ray Data feeding and one spare (a starved data pipeline hangs the trainer, docs/environment.md)."""
     tr = stage.train
     workers = cfg.max_concurrent_trials * tr.num_workers * tr.cpus_per_worker
     return math.ceil(workers + cfg.max_concurrent_trials * cfg.trial_cpus) + cfg.max_concurrent_trials + 1

@@ -1,6 +1,6 @@
 """The SEPIT reference's JSONL (``stage{0,1,2}/train.jsonl``, ``stage2/qa_test.jsonl``) -> :class:`QAItem`.
 
-Two record shapes (METHOD.md §5): ``{"id", "caption"}`` (stage 0) and
+Two record shapes (docs/method.md §5): ``{"id", "caption"}`` (stage 0) and
 ``{"id", "conversation": [{"role": "user", "content": "...<protein>..."},
 {"role": "assistant", "content": "..."}, ...]}``.  ``id`` is the UniProt accession that keys
 ``pdb.h5``.  Each user/assistant pair becomes one item.  The stage comes from the folder name
