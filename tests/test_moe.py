@@ -26,26 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group, as DeepSpeed's engine would set up, with expert groups made."""
-    import deepspeed
-    import torch.distributed as dist
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 20 s CPU op build
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1", LOCAL_SIZE="1")
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    yield dist
-    if created:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
 def dense_model():
     torch.manual_seed(0)
     return SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()

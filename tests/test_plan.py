@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 import weakref
 
 import pytest
@@ -184,26 +183,6 @@ def test_stage1_activation_estimate_matches_saved_tensors(small_bf16_model, toke
     assert measured > 20e6
     print(f"activations: estimate {estimate} B, measured {measured} B, ratio {estimate / measured:.3f}")
     assert abs(estimate / measured - 1) < ACTIVATION_MARGIN, (estimate, measured)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group (DeepSpeed MoE needs its expert groups)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1", LOCAL_SIZE="1")
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    yield dist
-    if created:
-        dist.destroy_process_group()
 
 
 def test_stage2_moe_activation_estimate_matches_saved_tensors(small_bf16_model, tokenizer, process_group):
