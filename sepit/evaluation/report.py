@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from sepit.evaluation.scoring import CLOSED_TASKS, TASK_ORDER
-from sepit.evaluation.verdict import verdict
+from sepit.evaluation.verdict import judge, verdict
 
 PLOT_DIR = "plots"
 HEADLINE_OPEN = ("bleu4", "rougeL", "meteor", "bertscore_f1")
@@ -100,12 +100,10 @@ def category_tables(metrics: dict) -> list[str]:
 def comparison_table(comparisons: dict[str, dict[str, dict]]) -> list[str]:
     """Rows: task x other system; the model's headline score minus the other's, with its CI."""
     lines = ["| task | versus | n | difference (model - other) | verdict |", "|---|---|---|---|---|"]
-    from sepit.evaluation.verdict import _judge
-
     for task, block in comparisons.items():
         unit = "accuracy pts (likelihood)" if task in CLOSED_TASKS else "ROUGE-L"
         for other, d in block.items():
-            lines.append(f"| {task} | {_label(other)} | {d['n']} | {_fmt(d)} {unit} | {_judge(d)} |")
+            lines.append(f"| {task} | {_label(other)} | {d['n']} | {_fmt(d)} {unit} | {judge(d)} |")
     return lines + [""]
 
 

@@ -65,7 +65,7 @@ def compare(per_sample: dict[str, list[dict]], reference: str, others: Sequence[
     return out
 
 
-def _judge(d: dict) -> str:
+def judge(d: dict) -> str:
     lo, hi = d.get("ci_low", math.nan), d.get("ci_high", math.nan)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return "not testable (too few rows)"
@@ -110,7 +110,7 @@ def verdict(result: dict) -> str:
             if other in systems and task in systems[other].get("tasks", {}):
                 name = {"majority": "the majority class", "nearest_neighbour": "nearest neighbour",
                         "compare_model": "the stage-1 model", "constant": "a constant answer"}.get(other, other)
-                parts.append(f"{_judge(d)} {name} ({_level(systems[other], task)}; difference {_diff(d, unit)})")
+                parts.append(f"{judge(d)} {name} ({_level(systems[other], task)}; difference {_diff(d, unit)})")
         n = model["tasks"][task]["n"]
         text = f"On {TASK_WORDS.get(task, task)} (n={n}) the model's {metric} is {_level(model, task)}%" \
             if task in CLOSED_TASKS else f"On {TASK_WORDS.get(task, task)} (n={n}) the model's ROUGE-L is {_level(model, task)}"
@@ -128,7 +128,7 @@ def verdict(result: dict) -> str:
             if d is not None:
                 unit = "pts" if task in CLOSED_TASKS else "ROUGE-L"
                 word = {"above": "helps", "below": "hurts", "indistinguishable from": "makes no measurable difference"}.get(
-                    _judge(d), "cannot be judged")
+                    judge(d), "cannot be judged")
                 bits.append(f"{TASK_WORDS.get(task, task)}: {word} (with minus without coordinates {_diff(d, unit)}, "
                             f"n={d['n']})")
         sentences.append(f"Structure, on the structured slice ({sl['n']} rows of {sl['n_proteins']} proteins with "
@@ -151,5 +151,5 @@ def short_verdict(comparisons: dict[str, dict[str, dict]], others: Sequence[str]
             d = comparisons.get(task, {}).get(other)
             if d is not None:
                 name = {"majority": "majority", "nearest_neighbour": "nearest neighbour"}.get(other, other)
-                bits.append(f"{task} {_judge(d)} {name} ({_diff(d, 'pts')})")
+                bits.append(f"{task} {judge(d)} {name} ({_diff(d, 'pts')})")
     return "; ".join(bits)
