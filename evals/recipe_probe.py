@@ -30,8 +30,12 @@ def _closed_rows(test: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def likelihood_accuracy(model, rows: list[dict]) -> dict[str, float]:
+    """Per closed-set task, the share of rows whose most likely option is the gold one (scored
+    exactly as `sepit evaluate` scores them: options, then the gold answer read afterwards)."""
     from sepit.evaluation.answer_parsing import gold_letter, normalize_yes_no
-    from sepit.evaluation.likelihood import closed_set_options, option_index, score_options
+    from sepit.evaluation.likelihood import closed_set_options, score_options
+    from sepit.evaluation.predictions import PredictionRecord
+    from sepit.evaluation.scoring import likelihood_outcome
 
     out = {}
     for task in ("yes_no", "multiple_choice"):
@@ -41,12 +45,15 @@ def likelihood_accuracy(model, rows: list[dict]) -> dict[str, float]:
         opts = [closed_set_options(task, r.get("choices")) for r in rs]
         scores = score_options(model, [r["question"] for r in rs], [(r["sequence"], r["coords"], r["coord_mask"]) for r in rs],
                                opts, max_rows=48, truncate=True)
-        ok = 0
-        for r, sc, o in zip(rs, scores, opts):
+        correct = 0.0
+        for r, sc in zip(rs, scores):
+            rec = PredictionRecord(r["id"], task, r.get("category") or "other", r["question"], r["answer"], "",
+                                   choices=r.get("choices"), answer_letter=r.get("answer_letter"), options=sc.options,
+                                   option_logprob=sc.logprob, option_tokens=sc.n_tokens)
             gold = normalize_yes_no(r["answer"]) if task == "yes_no" else gold_letter(r["answer"], r["choices"],
                                                                                      r.get("answer_letter"))
-            ok += sc.best() == option_index(task, o, gold)
-        out[task] = 100.0 * ok / len(rs)
+            correct += likelihood_outcome(rec, gold)["ll_correct"]
+        out[task] = correct / len(rs)
     return out
 
 
