@@ -60,7 +60,7 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout: flo
 
 
 def stop(head: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
         if head.poll() is not None:
             break
         try:

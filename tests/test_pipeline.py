@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sepit.config import ConfigError
 from sepit.pipeline import load_pipeline_config, step_sections, validate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_presets_validate_every_step(tmp_path):
@@ -46,28 +41,22 @@ def test_bad_config_fails_before_running(tmp_path, override, needle):
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)  # a user's fresh run starts its own local Ray (not the test session's)
-    proc = subprocess.run(
-        [sys.executable, "-m", "sepit.cli", "pipeline", "--preset", "tiny", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+def test_tiny_pipeline_end_to_end(tiny_pipeline):
+    """README command 1 on the tiny preset (run once per session by the ``tiny_pipeline`` fixture,
+    a fresh process with its own local Ray and MLflow store)."""
+    out, stdout, stderr = tiny_pipeline.out, tiny_pipeline.stdout, tiny_pipeline.stderr
     # the final report says where everything is
-    assert f"model (stage 2)  {out.resolve() / 'stage2' / 'model'}" in proc.stdout
-    assert "MLflow store     sqlite:///" in proc.stdout
+    assert f"model (stage 2)  {out.resolve() / 'stage2' / 'model'}" in stdout
+    assert "MLflow store     sqlite:///" in stdout
     # the console: step headers, one progress display per step and summaries, no library output
     # (Ray/DeepSpeed/MLflow go to RUN/logs/; test_console.py covers the parts)
     from test_console import LIBRARY_NOISE
 
-    noise = [ln for ln in (proc.stdout + proc.stderr).splitlines() if LIBRARY_NOISE.search(ln)]
+    noise = [ln for ln in (stdout + stderr).splitlines() if LIBRARY_NOISE.search(ln)]
     assert not noise, noise[:10]
-    assert "\r" not in proc.stdout
+    assert "\r" not in stdout
     for stage in ("stage0", "stage1", "stage2"):
-        assert re.search(rf"^  {stage}  step 20/20 \(100%\)  loss \S+  val_loss \S+", proc.stdout, re.M), stage
+        assert re.search(rf"^  {stage}  step 20/20 \(100%\)  loss \S+  val_loss \S+", stdout, re.M), stage
     assert "RayTrainWorker" in (out / "logs" / "ray-workers.log").read_text()
     assert "Started a local Ray instance" in (out / "logs" / "ray.log").read_text()
 

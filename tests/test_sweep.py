@@ -3,9 +3,9 @@
 Fast tests: the search-space language and the checks a sweep runs before Ray starts (every
 candidate trial's stage-2 config is built; bad values fail with the trial named).
 
-Slow tests (real Ray Tune + Ray Train + DeepSpeed MoE + MLflow on CPU): a tiny stage-1 model is
-trained by stage 1 for a few steps on a dataset built by the dataset builder from bundled real
-annotations, then swept over num_experts 2 vs 4; a second sweep holds a trial DeepSpeed refuses at
+Slow tests (real Ray Tune + Ray Train + DeepSpeed MoE + MLflow on CPU): the stage-1 model and
+dataset of the session's tiny pipeline (``tiny_pipeline`` in conftest.py) are swept over
+num_experts 2 vs 4; a second sweep holds a trial DeepSpeed refuses at
 run time, which must come back as a reported failure; a third shows ASHA stopping a bad trial.
 """
 
@@ -151,29 +151,17 @@ STAGE2_TRAIN = {"max_steps": 4, "eval_every": 2, "eval_max_batches": 2, "checkpo
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    """A real build: the bundled STRING C. trachomatis annotations with their id map (sequence-only)."""
-    from sepit.data.build import BuildConfig, build_dataset
-    from sepit.resources import data_path
-
-    out = tmp_path_factory.mktemp("sweep_data") / "dataset"
-    build_dataset(BuildConfig(out=str(out), executor="local", max_residues=128,
-                              annotations=[str(data_path("string_v12_ctrachomatis", "string_ct_protein_info_v12.txt.gz"))]))
-    return out
+def dataset_dir(tiny_pipeline):
+    """The session's tiny pipeline dataset (built by the dataset builder from bundled real
+    annotations and structures)."""
+    return tiny_pipeline.out / "dataset"
 
 
 @pytest.fixture(scope="module")
-def stage1_run(ray_local, dataset_dir, tmp_path_factory):
-    """A tiny stage-1 SEPIT model from a real (short) stage-1 run: its run_stage1 result."""
-    from sepit.config.base import from_dict, merge
-    from sepit.train.stage1 import Stage1JobConfig, run_stage1, stage1_preset
-
-    out = tmp_path_factory.mktemp("sweep_stage1")
-    cfg = from_dict(Stage1JobConfig, merge(stage1_preset("tiny"), {
-        "data": {"dataset_dir": str(dataset_dir)},
-        "train": {"output_dir": str(out), "max_steps": 2, "eval_every": 0, "eval_max_batches": 1,
-                  "checkpoint_every": 2, "warmup_steps": 1, "micro_batch_size": 4}}))
-    return run_stage1(cfg)
+def stage1_run(tiny_pipeline) -> dict:
+    """The session's tiny pipeline stage-1 model (a real 20-step stage-1 run) and its MLflow run."""
+    return {"model_dir": str(tiny_pipeline.out / "stage1" / "model"), "mlflow_run_id": tiny_pipeline.run_id("stage1"),
+            "tracking_uri": tiny_pipeline.tracking_uri}
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +190,7 @@ def _mlflow_runs(uri: str):
 
 
 @pytest.mark.slow
-def test_sweep_over_expert_counts(stage1_run, stage1_model, dataset_dir, tmp_path):
+def test_sweep_over_expert_counts(ray_local, stage1_run, stage1_model, dataset_dir, tmp_path):
     from sepit.tune.sweep import run_sweep
 
     # The stage-1 model given as its MLflow run id: fetched once into <out>/init, then checked.
@@ -254,7 +242,7 @@ def test_sweep_over_expert_counts(stage1_run, stage1_model, dataset_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_failed_trial_is_reported_not_lost(stage1_model, dataset_dir, tmp_path):
+def test_failed_trial_is_reported_not_lost(ray_local, stage1_model, dataset_dir, tmp_path):
     """DeepSpeed refuses a capacity floor above the tokens in a batch, at the first forward."""
     from sepit.tune.sweep import run_sweep
 
@@ -274,7 +262,7 @@ def test_failed_trial_is_reported_not_lost(stage1_model, dataset_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_asha_stops_a_bad_trial_early(stage1_model, dataset_dir, tmp_path):
+def test_asha_stops_a_bad_trial_early(ray_local, stage1_model, dataset_dir, tmp_path):
     """Trials run one after the other; the second one's aux-loss coefficient of 100 puts its
     validation loss (lm + coef x aux) far above the first one's at the step-2 rung, so ASHA stops it
     there; the first trial finishes and is the best."""

@@ -1,11 +1,12 @@
-"""Stages 0 -> 1 -> 2 on the bundled real data, each as `ray job submit -- python jobs/stageN.py`
-against a real local head node, tracked in one MLflow store under a pipeline parent run.
+"""Stages 0 -> 1 -> 2 on the bundled real data, tracked in one MLflow store under a pipeline parent
+run, and a stage submitted as `ray job submit -- python jobs/stage2.py` to a real head node.
 
-The chain exercises both ways a stage names its parent (stage 1 gets stage 0's MLflow run id,
-stage 2 gets stage 1's output folder), 2-worker DeepSpeed MoE under ZeRO-2 in stage 2, and
-shows the learning is real: on every stage the
-training loss falls well below where it started and the validation loss beats the untrained
-model's (``eval_at_start``).
+The stages come from the session's tiny pipeline (``tiny_pipeline`` in conftest.py: made once,
+shared with test_pipeline.py and test_sweep.py). The chain exercises both ways a stage names its
+parent (the pipeline passes the previous export's folder; the job passes stage 1's MLflow run
+id), 2-rank DeepSpeed under ZeRO-2 in stages 1 and 2 (MoE in 2), and shows the learning is real:
+on every stage the training loss falls well below where it started and the validation loss
+beats the untrained model's (``eval_at_start``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import pytest
 
 from sepit.config.base import ConfigError, load_config
 from sepit.train.stage2 import Stage2JobConfig, stage2_preset
+from sepit.train.lineage import git_commit
 from sepit.train.step_log import read_step_log
-from ray_head import RAY_CLI, ray_head
+from ray_head import RAY_CLI
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 30
 
 
 def test_stage2_refuses_zero3_at_config_time(capsys):
@@ -46,20 +47,7 @@ def test_zero3_with_structure_bias_is_accepted_for_stages_0_and_1():
         assert cfg.train.zero_stage == 3 and cfg.model.encoder.use_structure
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    """Protein store from the bundled structures, then a stage 0/1/2 dataset from the bundled
-    UniProt and STRING annotations (the DeepLoc FASTA and QA files are left out for speed)."""
-    from sepit.data.build import BuildConfig, build_dataset
-    from sepit.data.build_inputs import default_annotation_files
-    from sepit.data.preprocess import PreprocessConfig, run_preprocess
-
-    root = tmp_path_factory.mktemp("stage_data")
-    run_preprocess(PreprocessConfig(out=str(root / "store")))
-    files = [f for f in default_annotation_files() if "deeploc" not in f and "qa.jsonl" not in f]
-    build_dataset(BuildConfig(proteins=str(root / "store"), out=str(root / "dataset"), annotations=files,
-                              executor="local"))
-    return root / "dataset"
+STEPS = 20  # the tiny pipeline's steps per stage (validation at 0, 10 and 20)
 
 
 def assert_learned(out: Path, stage: str, min_drop: float) -> dict:
@@ -73,51 +61,31 @@ def assert_learned(out: Path, stage: str, min_drop: float) -> dict:
     return {"train": train, "val": val}
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+def _pipeline_parent(client, tiny_pipeline) -> str:
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r.info.run_id for r in runs if r.data.tags.get("sepit.kind") == "pipeline"]
+    return parent
+
+
 @pytest.mark.slow
-def test_three_stages_as_ray_jobs_learn_and_record_lineage(dataset, tmp_path):
-    import mlflow
+def test_stages_learn_and_record_lineage(tiny_pipeline):
+    """Stages 0 -> 1 -> 2 of the session's tiny pipeline (stages 1 and 2 on 2 DeepSpeed ranks under
+    ZeRO-2, see ``TINY_PIPELINE_OVERRIDES``): each learned, each is an MLflow child run of the
+    pipeline with its lineage, and the exported stage-2 model needs no DeepSpeed."""
     from mlflow.tracking import MlflowClient
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking)
-    parent = MlflowClient(tracking).create_run(mlflow.create_experiment("sepit", artifact_location=(tmp_path / "art").as_uri()),
-                                               run_name="pipeline").info.run_id
-
-    out = {n: tmp_path / f"stage{n}" for n in range(3)}
-    # The uploaded working dir has no .git: the submitter passes the commit for the lineage.
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    options = ["--data", str(dataset), "--tracking-uri", tracking, "--parent-run-id", parent]
-    overrides = [f"train.max_steps={STEPS}", f"train.eval_every={STEPS // 2}", f"train.checkpoint_every={STEPS // 2}",
-                 "train.eval_at_start=true", "train.max_failures=0"]
-    stage_args = {  # (options, overrides)
-        0: ([], []),
-        # stage 1 on 2 ranks with ZeRO-2 (encoder trained): a rank whose batch has no structure
-        # still gives the structure bias a (zero) gradient, or the ranks' reduce buckets differ
-        1: (["--init", None], ["train.num_workers=2", "train.zero_stage=2"]),  # --init: stage 0's MLflow run id
-        2: (["--init", str(out[1])], ["train.num_workers=2", "train.zero_stage=2"]),
-    }
-    with ray_head(tmp_path / "head.log", num_cpus=4, object_store_bytes=200_000_000) as head:
-        for n in range(3):
-            stage_options, stage_overrides = stage_args[n]
-            if n == 1:
-                stage_options = ["--init", json.loads((out[0] / "mlflow_run.json").read_text())["run_id"]]
-            job = subprocess.run(
-                [RAY_CLI, "job", "submit", "--address", head.address, "--working-dir", str(REPO),
-                 "--runtime-env-json", json.dumps({"env_vars": {"SEPIT_GIT_COMMIT": commit}}), "--",
-                 "python", f"jobs/stage{n}.py", "--preset", "tiny", "--out", str(out[n]), *options, *stage_options,
-                 *overrides, *stage_overrides],
-                env=head.env, cwd=REPO, capture_output=True, text=True, timeout=600,
-            )
-            output = job.stdout + job.stderr
-            assert job.returncode == 0 and "succeeded" in output, output[-5000:]
-            assert "Started a local Ray instance" not in output  # the job joined the head node
-            assert f"sepit stage{n}: done" in output
-
-    client = MlflowClient(tracking)
+    out = {n: tiny_pipeline.out / f"stage{n}" for n in range(3)}
+    client = MlflowClient(tiny_pipeline.tracking_uri)
+    parent = _pipeline_parent(client, tiny_pipeline)
+    commit = git_commit(REPO)  # what the pipeline saw: the checkout's commit (+dirty if edited)
     runs = {}
     for n in range(3):
         assert_learned(out[n], f"stage{n}", min_drop={0: 1.0, 1: 0.3, 2: 0.1}[n])
-        run_id = json.loads((out[n] / "mlflow_run.json").read_text())["run_id"]
+        run_id = tiny_pipeline.run_id(f"stage{n}")
         run = client.get_run(run_id)
         runs[n] = run
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
@@ -127,12 +95,12 @@ def test_three_stages_as_ray_jobs_learn_and_record_lineage(dataset, tmp_path):
         assert lineage["git_commit"] == commit
         assert set(lineage["data"]["files"]) == {f"stage{n}/{s}.parquet" for s in ("train", "val", "test")}
         assert {"lineage.json", "config.yaml", "loss_curve.png", "model"} <= {a.path for a in client.list_artifacts(run_id)}
-    # lineage chain: stage 1 named its parent by MLflow run id, stage 2 by folder
-    assert runs[1].data.tags["sepit.lineage.parent"] == runs[0].info.run_id
-    lin2 = json.loads((out[2] / "model" / "lineage.json").read_text())
-    assert lin2["parent"]["stage"] == "stage1" and lin2["parent"]["run_id"] == runs[1].info.run_id
+    # each stage names its parent: the previous stage's export and MLflow run
+    for n in (1, 2):
+        lineage = json.loads((out[n] / "model" / "lineage.json").read_text())
+        assert lineage["parent"]["stage"] == f"stage{n - 1}" and lineage["parent"]["run_id"] == runs[n - 1].info.run_id
 
-    # stage 0: retrieval accuracy over the whole validation split (30 tiny steps leave it near
+    # stage 0: retrieval accuracy over the whole validation split (20 tiny steps leave it near
     # chance, so only its presence and range are checked here)
     val0 = read_step_log(out[0] / "train_log.jsonl", "val")
     n_val = round(1 / val0[STEPS]["val_retrieval_chance"])
@@ -155,3 +123,42 @@ def test_three_stages_as_ray_jobs_learn_and_record_lineage(dataset, tmp_path):
     answers = model.generate(["What is the function of <protein>?"], [("MKTAYIAKQRQISFVKSHFSRQ", None, None)],
                              max_new_tokens=8)
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+JOB_STEPS = 4
+
+
+@pytest.mark.slow
+def test_stage2_as_a_ray_job_on_a_head_node(tiny_pipeline, ray_head_node, tmp_path):
+    """`ray job submit -- python jobs/stage2.py` against a real head node: 2 DeepSpeed ranks with
+    MoE under ZeRO-2, the parent named by its MLflow run id (fetched from the store), the run a
+    child of the pipeline's run, and the commit passed by the submitter (the uploaded working dir
+    has no .git)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny_pipeline.tracking_uri)
+    parent = _pipeline_parent(client, tiny_pipeline)
+    stage1_run = tiny_pipeline.run_id("stage1")
+    out, commit = tmp_path / "stage2", _commit()
+    job = subprocess.run(
+        [RAY_CLI, "job", "submit", "--address", ray_head_node.address, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps({"env_vars": {"SEPIT_GIT_COMMIT": commit}}), "--",
+         "python", "jobs/stage2.py", "--preset", "tiny", "--out", str(out), "--init", stage1_run,
+         "--data", str(tiny_pipeline.out / "dataset"), "--tracking-uri", tiny_pipeline.tracking_uri,
+         "--parent-run-id", parent, f"train.max_steps={JOB_STEPS}", f"train.eval_every={JOB_STEPS}",
+         f"train.checkpoint_every={JOB_STEPS}", "train.max_failures=0", "train.num_workers=2", "train.zero_stage=2"],
+        env=ray_head_node.env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    output = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in output, output[-5000:]
+    assert "Started a local Ray instance" not in output  # the job joined the head node
+    assert "sepit stage2: done" in output
+
+    assert list(read_step_log(out / "train_log.jsonl")) == list(range(1, JOB_STEPS + 1))
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["sepit.lineage.parent"] == stage1_run
+    lineage = json.loads((out / "model" / "lineage.json").read_text())
+    assert lineage["stage"] == "stage2" and lineage["mlflow_run_id"] == run_id and lineage["git_commit"] == commit
+    assert lineage["parent"]["stage"] == "stage1" and lineage["parent"]["run_id"] == stage1_run
