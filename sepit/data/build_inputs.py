@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from sepit.console import report
 from sepit.data.annotations import AnnotationFormatError, InputRecord
 from sepit.data.readers import load_id_map, merge_id_maps, parse_annotation_arg, read_annotations
 from sepit.data.readers.id_maps import IdMapping
@@ -113,7 +114,8 @@ def read_inputs(annotation_args: list[str], id_map: dict[str, IdMapping], ledger
     for line in getattr(id_map, "notes", ()):
         ledger.note(line)
     out: list[InputRecord] = []
-    for arg in annotation_args:
+    report("dataset", 0, len(annotation_args), unit="files")
+    for done, arg in enumerate(annotation_args, 1):
         fmt, path = parse_annotation_arg(arg)
         path = str(Path(path))
         errors: list[AnnotationFormatError] = []
@@ -129,4 +131,5 @@ def read_inputs(annotation_args: list[str], id_map: dict[str, IdMapping], ledger
         if unused:
             per_task = ", ".join(f"{task!r}: {n}" for task, n in sorted(unused.items()))
             ledger.note(f"{path}: Mol-Instructions records skipped by task (not used or unknown): {per_task}")
+        report("dataset", done, len(annotation_args), unit="files", records=len(out))
     return out

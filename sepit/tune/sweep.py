@@ -251,7 +251,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"sepit sweep-experts: configuration valid; {cfg.n_trials} trial(s) planned, "
                   f"{n} candidate stage-2 config(s) checked")
             return 0
-        result = run_sweep(cfg)
+        from sepit.console import capture_logs
+        from sepit.storage import staging_dir
+
+        with capture_logs(staging_dir(cfg.out)):  # Ray Tune/Train/MLflow output -> <out>/logs/
+            result = run_sweep(cfg)
     except (ConfigError, SweepError) as exc:
         print(f"sepit sweep-experts: {exc}")
         return 2
