@@ -128,10 +128,18 @@ def validate_serve_config(config: dict) -> None:
 
     from sepit.serve.app import config_from_args
 
+    from sepit.serve.app import INGRESS_NAME, RUNNER_NAME
+
     schema = ServeDeploySchema.model_validate(config)
     for app in schema.applications:
         assert app.import_path == "sepit.serve.app:app_builder"
-        config_from_args(app.args)  # unknown or ill-typed fields raise ConfigError naming them
+        serve_config = config_from_args(app.args)  # unknown or ill-typed fields raise ConfigError naming them
+        for deployment in app.deployments:  # overrides must name a real deployment; user_config must apply
+            assert deployment.name in (RUNNER_NAME, INGRESS_NAME), deployment.name
+            user_config = deployment.model_dump(exclude_unset=True).get("user_config")
+            if user_config is not None:
+                assert deployment.name == RUNNER_NAME, "only the model runner takes a user_config"
+                serve_config.with_user_config(user_config)
 
 
 def test_serve_config_validates():

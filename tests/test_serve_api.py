@@ -1,8 +1,10 @@
 """The HTTP API on a real Ray Serve instance (loopback), with a real tiny SEPIT model folder.
 
-One Serve instance per module with two applications: ``open`` at ``/`` (no auth) and ``secure``
-at ``/secure`` (API key from an environment variable).  Batching is asserted from the server's own
-counters (``GET /v1/stats``), never inferred from timings.
+One Serve instance per module with two applications: ``open`` at ``/`` (no auth), deployed from a
+Serve config as ``serve deploy`` does (``app_builder`` + ``args`` + a ``deployments:`` user_config,
+so its tuning can change in place), and ``secure`` at ``/secure`` (API key from an environment
+variable) through ``serve.run``.  Batching is asserted from the server's own counters
+(``GET /v1/stats``), never inferred from timings; Prometheus metrics from Ray's export port.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -49,35 +52,70 @@ def model_dir(tmp_path_factory):
     return str(model.save_pretrained(tmp_path_factory.mktemp("serve") / "tiny-sepit"))
 
 
+#: ServeConfig fields shared by both applications (the ``args`` of a Serve config file).
+COMMON_ARGS = dict(
+    num_cpus_per_replica=1, max_batch_size=8,
+    # Long enough that requests fired together on a loaded 2-core box meet in one batch.
+    batch_wait_timeout_s=0.2, request_timeout_s=60,
+    limits=dict(max_body_bytes=1 << 20, max_residues=400, max_questions=4, max_new_tokens=256),
+    generation=dict(max_new_tokens=8),
+)
+#: The open app's model-runner user_config as deployed (reconfigure() applies it at start).
+OPEN_USER_CONFIG = {"max_batch_size": 8, "batch_wait_timeout_s": 0.2}
+
+
+def _open_app_config(model_dir: str, port: int, user_config: dict) -> dict:
+    """The ``open`` application as a Serve config file would declare it."""
+    return {"name": "open", "route_prefix": "/", "import_path": "sepit.serve.app:app_builder",
+            "args": {**COMMON_ARGS, "model_dir": model_dir, "port": port, "app_name": "open", "api_key_env": ""},
+            "deployments": [{"name": "SepitModelRunner", "user_config": user_config}]}
+
+
+def _deploy_open(model_dir: str, port: int, user_config: dict) -> None:
+    """Apply the ``open`` app's config the way ``serve run/deploy config.yaml`` does (declaratively:
+    a change of only ``deployments:`` options is applied to the running replicas in place)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = {"applications": [_open_app_config(model_dir, port, user_config)]}
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+
+
+def _wait_running(app: str, timeout_s: float = 180.0) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(app)
+        if status is not None and status.status == "RUNNING":
+            return
+        assert status is None or status.status not in ("DEPLOY_FAILED", "UNHEALTHY"), status
+        assert time.monotonic() < deadline, f"app {app!r} not running after {timeout_s} s: {status}"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(ray_local, model_dir):
     from ray import serve
 
-    from sepit.serve.app import build_app
-    from sepit.serve.config import GenerationDefaults, LimitsConfig, ServeConfig
+    from sepit.serve.app import build_app, config_from_args
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = dict(
-        model_dir=model_dir, port=port, num_cpus_per_replica=1, max_batch_size=8,
-        # Long enough that requests fired together on a loaded 2-core box meet in one batch.
-        batch_wait_timeout_s=0.2, request_timeout_s=60,
-        limits=LimitsConfig(max_body_bytes=1 << 20, max_residues=400, max_questions=4, max_new_tokens=256),
-        generation=GenerationDefaults(max_new_tokens=8),
-    )
-    open_cfg = ServeConfig(app_name="open", route_prefix="/", api_key_env="", **common)
+    # "open" is deployed from a Serve config (app_builder + args + deployments: user_config),
+    # "secure" through serve.run; both warm up at the same time.
+    _deploy_open(model_dir, port, OPEN_USER_CONFIG)
     os.environ[KEY_ENV] = KEY
     try:
-        secure_cfg = ServeConfig(app_name="secure", route_prefix="/secure", api_key_env=KEY_ENV, **common)
-        serve.run_many([
-            serve.RunTarget(build_app(open_cfg), name="open", route_prefix="/"),
-            serve.RunTarget(build_app(secure_cfg), name="secure", route_prefix="/secure"),
-        ])
+        secure_cfg = config_from_args({**COMMON_ARGS, "model_dir": model_dir, "port": port, "app_name": "secure",
+                                       "route_prefix": "/secure", "api_key_env": KEY_ENV})
+        serve.run(build_app(secure_cfg), name="secure", route_prefix="/secure")
     finally:
         del os.environ[KEY_ENV]
+    _wait_running("open")
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=60) as client:
-        yield {"url": url, "client": client, "model": "tiny-sepit"}
+        yield {"url": url, "client": client, "model": "tiny-sepit", "model_dir": model_dir, "port": port}
     serve.shutdown()
 
 
@@ -195,6 +233,60 @@ def test_a_client_leaving_a_stream_stops_its_generation(server):
         threading.Event().wait(0.1)
     assert after["generated"] == before["generated"] + 1
     assert after["completion_tokens"] - before["completion_tokens"] < 128
+
+
+def _chat(client, model: str, **body):
+    body = {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Describe <protein>."}],
+            "protein": {"sequence": SEQUENCE}, **body}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_fields_the_server_cannot_honour_are_refused_with_400(server):
+    import openai
+
+    c, model = server["client"], server["model"]
+    before = _stats(c)["runner"]["requests"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    cases = [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+             ({"tools": [tool]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
+             ({"functions": [tool["function"]]}, "functions"), ({"function_call": "auto"}, "function_call"),
+             ({"response_format": {"type": "json_object"}}, "response_format"),
+             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+             ({"n": 3, "stream": True}, "n")]
+    for fields, param in cases:
+        r = _chat(c, model, **fields)
+        assert r.status_code == 400, (fields, r.text)
+        error = r.json()["error"]
+        assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, 400), fields
+        assert error["message"]
+    # Harmless or neutral values are served.
+    ok = _chat(c, model, max_tokens=2, n=1, logprobs=False, top_logprobs=0, tool_choice="none",
+               response_format={"type": "text"}, user="u-1", metadata={"k": "v"}, stream_options=None)
+    assert ok.status_code == 200, ok.text
+    assert _stats(c)["runner"]["requests"] == before + 1  # refusals cost no model work
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="one choice per request"):
+        client.chat.completions.create(model=model, n=2, messages=[{"role": "user", "content": "<protein>?"}],
+                                       extra_body={"protein": {"sequence": SEQUENCE}})
+
+
+def test_seed_makes_sampling_reproducible_whatever_the_batch(server):
+    c, model = server["client"], server["model"]
+
+    def sampled(seed):
+        r = _chat(c, model, temperature=1.0, seed=seed)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    first = sampled(7)
+    assert sampled(7) == first
+    assert len({first, *(sampled(s) for s in (1, 2, 3))}) >= 2  # the seed changes the draw
+    # The same seeded row decoding next to another row (one request, two questions) draws the
+    # same tokens: each seeded row samples from its own generator.
+    both = _answer(c, questions=["Describe <protein>.", "Where is <protein>?"], do_sample=True, temperature=1.0,
+                   seed=7, max_new_tokens=8)
+    assert both.status_code == 200, both.text
+    assert both.json()["answers"][0]["batch_size"] == 2 and both.json()["answers"][0]["answer"] == first
 
 
 # --------------------------------------------------------------------------- batching
@@ -350,6 +442,113 @@ def test_auth_on_rejects_without_the_key_before_any_model_work(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["url"] + "/secure/v1", api_key="nope", max_retries=0).models.list()
     assert _stats(c, "/secure", good)["runner"]["requests"] == before["requests"] + 2
+
+
+# --------------------------------------------------------------------------- operations
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def _scrape() -> list[tuple[str, dict, float]]:
+    """Samples (name, labels, value) of Ray's Prometheus endpoint on this node (loopback)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out = []
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and not line.startswith("#"):
+            out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return out
+
+
+def _value(samples, name: str, **labels) -> float:
+    return sum(v for n, tags, v in samples if n == name and labels.items() <= tags.items())
+
+
+def test_prometheus_metrics_on_rays_metrics_endpoint(server):
+    c, model = server["client"], server["model"]
+    assert _answer(c, max_new_tokens=4).status_code == 200
+    assert _chat(c, model, n=2).status_code == 400
+    with c.stream("POST", "/v1/chat/completions", json={
+            "model": model, "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": "<protein>?"}],
+            "protein": {"sequence": SEQUENCE}}) as r:
+        assert r.status_code == 200 and list(r.iter_lines())
+    stats = _stats(c)["runner"]  # quiet from here on: the exported counters must reach these values
+    app = {"application": "open", "model": model}
+    deadline = time.monotonic() + 40  # Ray exports every RAY_metrics_report_interval_ms (10 s by default)
+    while True:
+        samples = _scrape()
+        got = {
+            "tokens": _value(samples, "ray_sepit_generated_tokens_total", **app),
+            "steps": _value(samples, "ray_sepit_batch_size_count", **app),
+            "first_tokens": _value(samples, "ray_sepit_time_to_first_token_seconds_count", **app),
+        }
+        want = {"tokens": stats["completion_tokens"], "steps": stats["decode_steps"], "first_tokens": stats["generated"]}
+        if got == want and _value(samples, "ray_sepit_request_errors_total", route="/v1/chat/completions",
+                                  status="400", **app) >= 1:
+            break
+        assert time.monotonic() < deadline, f"exported {got}, the replica counted {want}"
+        time.sleep(0.5)
+    assert _value(samples, "ray_sepit_requests_total", route="/v1/answer", status="200", **app) >= 1
+    assert _value(samples, "ray_sepit_requests_total", route="/v1/chat/completions", status="200", **app) >= 1
+    assert _value(samples, "ray_sepit_request_duration_seconds_count", route="/v1/answer", **app) >= 1
+    # Every decode step had a row, so no step falls in a bucket below 1 (Ray re-derives _sum from buckets).
+    assert _value(samples, "ray_sepit_batch_size_bucket", le="1.0", **app) <= stats["decode_steps"]
+    assert _value(samples, "ray_sepit_prompt_tokens_total", **app) > 0
+    assert _value(samples, "ray_sepit_time_to_first_token_seconds_sum", **app) > 0
+    assert any(n == "ray_sepit_tokens_per_second" and tags.get("application") == "open" and v > 0
+               for n, tags, v in samples)
+    # Serve's own tags say which replica reported.
+    assert {t["deployment"] for n, t, _ in samples if n == "ray_sepit_generated_tokens_total"} == {"SepitModelRunner"}
+    assert {t["deployment"] for n, t, _ in samples if n == "ray_sepit_requests_total"} == {"SepitIngress"}
+
+
+def test_user_config_retunes_the_running_replica_without_a_restart(server):
+    c = server["client"]
+    assert _answer(c, max_new_tokens=1).status_code == 200
+    before = _stats(c)["runner"]
+    assert before["user_config"] == OPEN_USER_CONFIG and before["max_batch_size"] == 8
+    tuned = {"max_batch_size": 2, "batch_wait_timeout_s": 0.5, "generation": {"max_new_tokens": 3}}
+    _deploy_open(server["model_dir"], server["port"], tuned)
+    try:
+        deadline = time.monotonic() + 30
+        while (after := _stats(c)["runner"])["user_config"] != tuned:
+            assert time.monotonic() < deadline, after
+            time.sleep(0.2)
+        # The same replica (same id, its counters kept, no second warm-up) now runs the new settings.
+        assert (after["replica"], after["warmup_ms"]) == (before["replica"], before["warmup_ms"])
+        assert after["requests"] >= before["requests"] >= 1
+        assert (after["max_batch_size"], after["batch_wait_timeout_s"], after["generation"]["max_new_tokens"]) == (2, 0.5, 3)
+        # A request without max_new_tokens takes the new default (this prompt runs to any budget).
+        default = _answer(c, questions=["Describe <protein>."]).json()["answers"][0]
+        assert (default["completion_tokens"], default["finish_reason"]) == (3, "length")
+        # Four requests at once: the loop holds at most two rows.
+        results = [None] * 4
+        barrier = threading.Barrier(4)
+
+        def fire(i):
+            with httpx.Client(base_url=server["url"], timeout=60) as own:
+                barrier.wait()
+                results[i] = _answer(own, questions=[f"Question {i} about <protein>?"], max_new_tokens=2)
+
+        threads = [threading.Thread(target=fire, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.status_code == 200 for r in results)
+        assert max(r.json()["answers"][0]["batch_size"] for r in results) <= 2
+        hist = _stats(c)["runner"]["batch_size_histogram"]
+        assert {k: v - after["batch_size_histogram"].get(k, 0) for k, v in hist.items()
+                if v != after["batch_size_histogram"].get(k, 0)}.keys() <= {"1", "2"}
+    finally:
+        _deploy_open(server["model_dir"], server["port"], OPEN_USER_CONFIG)
+        deadline = time.monotonic() + 30
+        while _stats(c)["runner"]["user_config"] != OPEN_USER_CONFIG:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- the replica on its own

@@ -65,6 +65,46 @@ def test_the_shipped_serve_deploy_file_holds_valid_app_args():
     assert cfg.model_dir and cfg.max_batch_size >= 1
 
 
+def test_user_config_applies_only_runtime_fields_on_top_of_the_args():
+    from sepit.serve.model_runner import with_defaults
+    from sepit.serve.protocol import GenerationItem
+
+    base = ServeConfig(model_dir="/m", max_batch_size=8, generation=GenerationDefaults(max_new_tokens=32, top_p=0.9))
+    tuned = base.with_user_config({"max_batch_size": 4, "generation": {"temperature": 0.7}})
+    assert (tuned.max_batch_size, tuned.generation.temperature, tuned.generation.top_p) == (4, 0.7, 0.9)
+    assert tuned.generation.max_new_tokens == 32 and base.max_batch_size == 8  # merged; the args are untouched
+    assert base.with_user_config(None) is base and base.with_user_config({}) is base
+    with pytest.raises(ConfigError, match=r"\['replicas'\] cannot change on a running deployment"):
+        base.with_user_config({"replicas": 3})
+    with pytest.raises(ConfigError, match="user_config: .*max_ongoing_requests=64 is below max_batch_size=100"):
+        base.with_user_config({"max_batch_size": 100})
+    with pytest.raises(ConfigError, match="user_config: generation.top_p"):
+        base.with_user_config({"generation": {"top_p": 2}})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        base.with_user_config([1])
+    # Options a request left unset take the replica's current defaults; set ones are kept.
+    item = with_defaults(GenerationItem("q", "MKT", temperature=0.3), tuned.generation, 16)
+    assert (item.max_new_tokens, item.do_sample, item.temperature, item.top_p) == (16, False, 0.3, 0.9)
+
+
+def test_openai_fields_that_cannot_be_served_are_refused_by_name():
+    from sepit.serve.errors import Unsupported
+    from sepit.serve.openai_compat import refuse_unsupported
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    refuse_unsupported(ChatCompletionRequest.model_validate({
+        **base, "n": 1, "logprobs": False, "top_logprobs": 0, "tool_choice": "none", "function_call": "none",
+        "response_format": {"type": "text"}, "tools": [], "seed": 3}))
+    for extra, param in [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 1}, "top_logprobs"),
+                         ({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": {"type": "function"}}, "tool_choice"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"), ({"response_format": {}}, "response_format")]:
+        with pytest.raises(Unsupported) as exc:
+            refuse_unsupported(ChatCompletionRequest.model_validate({**base, **extra}))
+        assert exc.value.status == 400 and exc.value.body()["error"]["param"] == param
+    with pytest.raises(ValidationError, match="seed"):
+        ChatCompletionRequest.model_validate({**base, "seed": -1})
+
+
 # --------------------------------------------------------------------------- auth
 def test_api_key_resolution_and_checks():
     assert resolve_api_key_digest(ServeConfig(), environ={}) is None

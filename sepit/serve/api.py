@@ -2,7 +2,7 @@
 
 Request path, outermost first::
 
-    ResponseCounter -> ApiKeyMiddleware (401 before the body is read)
+    ResponseCounter (counts and Prometheus metrics) -> ApiKeyMiddleware (401 before the body is read)
       -> BodySizeLimit (413 before JSON parsing) -> FastAPI (pydantic validation -> 422) -> route
 
 Every error leaves as OpenAI-style JSON (:mod:`sepit.serve.errors`); an unexpected exception in a
@@ -14,8 +14,9 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,13 +25,14 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sepit import __version__
-from sepit.serve.auth import ApiKeyMiddleware
+from sepit.serve.auth import ApiKeyMiddleware, route_path
 from sepit.serve.errors import ApiError, error_body
 from sepit.serve.limits import BodySizeLimit
 from sepit.serve.schemas import AnswerRequest, AnswerResponse, ChatCompletion, ChatCompletionRequest, ModelList
 
 if TYPE_CHECKING:
     from sepit.serve.ingress import SepitIngress
+    from sepit.serve.metrics import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,28 +43,39 @@ Ask questions about a protein given as a sequence or a PDB/mmCIF structure.
 * `POST /v1/chat/completions`: OpenAI-compatible; the protein goes in the extra body field
   `protein` and `<protein>` marks its place in the user message; `stream: true` streams SSE.
 * `GET /v1/models`, `GET /v1/stats` (batching counters), `GET /healthz`, `GET /readyz`.
+* Prometheus metrics (`ray_sepit_*`) are on Ray's metrics export port, not on this app.
+
+OpenAI fields the server cannot honour (`n` > 1, `logprobs`, `tools`, a JSON `response_format`)
+are refused with 400; `seed` makes sampling reproducible.
 
 When the server has an API key, `/v1/*` needs `Authorization: Bearer <key>`.
 """
 
 
 class ResponseCounter:
-    """ASGI middleware counting responses by status code (also those sent by inner middleware)."""
+    """ASGI middleware counting responses by status code (also those sent by inner middleware),
+    and reporting them with their latency to ``metrics`` (Prometheus, see :mod:`sepit.serve.metrics`)."""
 
-    def __init__(self, app, counts: Counter):
+    def __init__(self, app, counts: Counter, metrics: Optional["IngressMetrics"] = None):
         self.app = app
         self.counts = counts
+        self.metrics = metrics
         self._lock = threading.Lock()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        t0, path = time.perf_counter(), route_path(scope)
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 with self._lock:
                     self.counts[str(message["status"])] += 1
+                if self.metrics is not None:
+                    self.metrics.response(path, message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body") and self.metrics is not None:
+                self.metrics.finished(path, time.perf_counter() - t0)
             await send(message)
 
         await self.app(scope, receive, counting_send)
@@ -167,5 +180,5 @@ def create_api(ingress: "SepitIngress") -> FastAPI:
     # add_middleware: the last added is the outermost.
     app.add_middleware(BodySizeLimit, max_bytes=cfg.limits.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, auth=ingress.auth)
-    app.add_middleware(ResponseCounter, counts=responses)
+    app.add_middleware(ResponseCounter, counts=responses, metrics=ingress.metrics)
     return app

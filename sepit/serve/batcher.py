@@ -5,14 +5,19 @@ Each turn of the loop it
 
 1. admits queued requests (up to ``max_batch_size`` rows in flight): their prompts are prefilled
    in length buckets (little left padding) and their rows join the running batch;
-2. picks one token for every row (greedy rows argmax, sampling rows their own temperature/top-p);
+2. picks one token for every row (greedy rows argmax, sampling rows their own temperature/top-p;
+   a row with a ``seed`` draws from its own generator, so its tokens do not depend on which
+   rows share its steps);
 3. ends rows at eos, ``max_new_tokens``, a stop string, their deadline or a client that left,
    answers them at once and drops them from the batch (they cost nothing afterwards);
 4. runs one decode step for the rows left.
 
 So a request never waits for a whole batch to finish, and a short answer never pays for a long
 neighbour.  Requests arrive from the replica's event loop (:meth:`ContinuousBatcher.submit`);
-results go back through ``concurrent.futures.Future`` objects.
+results go back through ``concurrent.futures.Future`` objects.  :meth:`ContinuousBatcher.configure`
+changes the batch limit and admission wait of the running loop (Serve ``user_config``); the loop
+reports batch sizes, time to first token and tokens to a
+:class:`~sepit.serve.metrics.DecodeLoopMetrics` (Prometheus through Ray Serve in a replica).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from sepit.models.generation import DecodeBatch, length_buckets, sample_tokens
+from sepit.serve.metrics import DecodeLoopMetrics
 from sepit.serve.protocol import GenerationItem, GenerationResult
 from sepit.serve.streaming import cut_at_stop
 
@@ -52,6 +58,8 @@ class DecodeRequest:
     ids: list[int] = field(default_factory=list)
     admitted: float = 0.0
     batch_size: int = 0
+    generator: Optional[torch.Generator] = None
+    """This row's sampling generator (seeded with ``item.seed`` at its first sampled token)."""
 
     @property
     def length(self) -> int:
@@ -65,15 +73,18 @@ class DecodeRequest:
 class ContinuousBatcher:
     """The replica's decode loop (see the module docstring); one model, one thread."""
 
-    def __init__(self, model, max_batch_size: int, admit_wait_s: float, stats: "RunnerStats") -> None:
+    def __init__(self, model, max_batch_size: int, admit_wait_s: float, stats: "RunnerStats",
+                 metrics: Optional[DecodeLoopMetrics] = None) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.admit_wait_s = admit_wait_s
         self.stats = stats
+        self.metrics = metrics or DecodeLoopMetrics()
         self.tokenizer = model.tokenizer
         self.eos = model.token_ids.eos
         self._pending: collections.deque[DecodeRequest] = collections.deque()
         self._cv = threading.Condition()
+        self._idle = threading.Event()  # set while the loop waits with nothing queued or in flight
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="sepit-decode-loop", daemon=True)
         self._thread.start()
@@ -84,8 +95,21 @@ class ContinuousBatcher:
             if self._stopped:
                 raise RuntimeError("the decode loop has stopped")
             self._pending.append(request)
+            self._idle.clear()
             self._cv.notify()
         return request.future
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until the loop has answered everything and finished its bookkeeping (True), or
+        ``timeout`` seconds passed (False)."""
+        return self._idle.wait(timeout)
+
+    def configure(self, max_batch_size: int, admit_wait_s: float) -> None:
+        """Change the limits of the running loop; rows in flight finish, the next admission obeys."""
+        with self._cv:
+            self.max_batch_size = max_batch_size
+            self.admit_wait_s = admit_wait_s
+            self._cv.notify()
 
     @property
     def alive(self) -> bool:
@@ -102,6 +126,7 @@ class ContinuousBatcher:
         """Queued requests to admit now (blocks while nothing is in flight); None once stopped."""
         with self._cv:
             while not self._pending and not active and not self._stopped:
+                self._idle.set()
                 self._cv.wait()
             if self._stopped:
                 return None
@@ -113,7 +138,7 @@ class ContinuousBatcher:
                     if left <= 0:
                         break
                     self._cv.wait(left)
-            n = min(len(self._pending), self.max_batch_size - active)
+            n = max(min(len(self._pending), self.max_batch_size - active), 0)  # the limit may have shrunk
             return [self._pending.popleft() for _ in range(n)]
 
     def _run(self) -> None:
@@ -136,6 +161,13 @@ class ContinuousBatcher:
                     self.stats.add(failed=1)
                     self._answer(req, error=f"generation failed: {type(exc).__name__}: {exc}")
                 batch, rows = None, []
+            self._report_occupancy(len(rows))
+
+    def _report_occupancy(self, running: int) -> None:
+        try:
+            self.metrics.occupancy(running, len(self._pending))
+        except Exception:  # noqa: BLE001 - metrics must never stop the decode loop
+            pass
 
     def _admit(self, batch, rows, new):
         now = time.monotonic()
@@ -162,6 +194,9 @@ class ContinuousBatcher:
                 rows = rows + ok
         for req in live:
             req.batch_size = len(rows)
+        prefilled = [r for r in live if r.admitted]
+        self.metrics.admitted([r.admitted - r.enqueued for r in prefilled])
+        self.metrics.prompt_tokens(sum(r.prompt_tokens for r in prefilled))
         return batch, rows
 
     def _prefill(self, group: list[DecodeRequest]):
@@ -198,16 +233,35 @@ class ContinuousBatcher:
         logits = batch.logits.float()  # softmax and argmax in fp32
         tokens = logits.argmax(-1)
         sampled = [i for i, r in enumerate(rows) if r.item.do_sample]
-        if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
-            temps = torch.tensor([rows[i].item.temperature for i in sampled], device=logits.device)
-            top_p = torch.tensor([rows[i].item.top_p for i in sampled], device=logits.device)
-            tokens[idx] = sample_tokens(logits[idx], temps, top_p, None)
+        if not sampled:
+            return tokens.tolist()
+
+        def options(picked: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.tensor([rows[i].item.temperature for i in picked], device=logits.device),
+                    torch.tensor([rows[i].item.top_p for i in picked], device=logits.device))
+
+        shared = [i for i in sampled if rows[i].item.seed is None]
+        if shared:  # unseeded rows: one draw from the process's random stream
+            idx = torch.tensor(shared, device=logits.device)
+            tokens[idx] = sample_tokens(logits[idx], *options(shared), None)
+        for i in sampled:
+            req = rows[i]
+            if req.item.seed is None:
+                continue
+            if req.generator is None:
+                req.generator = torch.Generator(device=logits.device).manual_seed(req.item.seed)
+            # One draw per step from the row's own generator: reproducible whatever its neighbours.
+            tokens[i] = sample_tokens(logits[i:i + 1], *options([i]), req.generator)[0]
         return tokens.tolist()
 
     def _step(self, batch: DecodeBatch, rows: list[DecodeRequest]):
         t0 = time.monotonic()
         tokens = self._pick(batch, rows)
+        picked = time.monotonic()
+        stepped, new_tokens = len(rows), sum(tok != self.eos for tok in tokens)
+        for req in rows:
+            if not req.ids:
+                self.metrics.first_token(picked - req.enqueued)
         keep: list[int] = []
         for i, (req, tok) in enumerate(zip(rows, tokens)):
             if tok == self.eos:
@@ -229,11 +283,13 @@ class ContinuousBatcher:
                 keep.append(i)
         if not keep:
             self.stats.add(decode_steps=1, step_rows=len(rows), busy_s=time.monotonic() - t0)
+            self.metrics.step(stepped, new_tokens, time.monotonic() - t0)
             return None, []
         batch.keep(keep)
         rows = [rows[i] for i in keep]
         batch.step(torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=batch.mask.device))
         self.stats.add(decode_steps=1, step_rows=len(rows), busy_s=time.monotonic() - t0)
+        self.metrics.step(stepped, new_tokens, time.monotonic() - t0)
         return batch, rows
 
     # ------------------------------------------------------------------ answers

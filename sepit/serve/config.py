@@ -13,10 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sepit.config.base import ConfigError, check_choice, check_range
+from sepit.config.base import ConfigError, check_choice, check_range, from_dict, merge, to_dict
 
 #: Longest protein the encoder takes (ESM-2 positions: 1022 residues + <cls> + <eos>).
 ENCODER_MAX_RESIDUES = 1022
+
+#: ServeConfig fields a running model deployment takes from Serve's ``user_config`` (applied by
+#: ``SepitModelRunner.reconfigure`` in place: no replica restart, no model reload).
+USER_CONFIG_FIELDS = ("max_batch_size", "batch_wait_timeout_s", "generation")
 
 
 @dataclass
@@ -177,6 +181,28 @@ class ServeConfig:
         from pathlib import Path
 
         return self.model_name or Path(self.model_dir.rstrip("/")).name or "sepit"
+
+    def with_user_config(self, user_config: Optional[dict]) -> "ServeConfig":
+        """This config with Serve's ``user_config`` applied on top (``USER_CONFIG_FIELDS`` only).
+
+        ``user_config`` is declarative: it is applied to the application's own ``args`` each time,
+        so a key removed from it falls back to the ``args`` value.  ``generation`` merges field
+        by field.  The result is validated like any ServeConfig (e.g. ``max_batch_size`` at most
+        ``max_ongoing_requests``, ``generation.max_new_tokens`` within ``limits``)."""
+        if not user_config:
+            return self
+        if not isinstance(user_config, dict):
+            raise ConfigError(f"user_config must be a mapping of {list(USER_CONFIG_FIELDS)}, got {type(user_config).__name__}")
+        other = sorted(set(user_config) - set(USER_CONFIG_FIELDS))
+        if other:
+            raise ConfigError(
+                f"user_config: field(s) {other} cannot change on a running deployment; user_config takes "
+                f"{list(USER_CONFIG_FIELDS)} (set the others in the application's args, which redeploys)"
+            )
+        try:
+            return from_dict(ServeConfig, merge(to_dict(self), user_config))
+        except ConfigError as exc:
+            raise ConfigError(f"user_config: {exc}") from None
 
     def require_model_dir(self) -> "ServeConfig":
         """Check that ``model_dir`` names an existing folder; return self."""

@@ -36,6 +36,14 @@ class InvalidInput(ApiError):
     type = "invalid_request_error"
 
 
+class Unsupported(ApiError):
+    """A well-formed OpenAI field whose value this server cannot honour (``n`` > 1, ``logprobs``,
+    ``tools``, a JSON ``response_format``): refused with 400 rather than silently ignored."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
 class LimitExceeded(ApiError):
     """A request over a configured limit; ``param`` is the limit's name in ``limits``."""
 

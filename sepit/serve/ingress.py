@@ -19,7 +19,8 @@ from sepit.serve import openai_compat as oa
 from sepit.serve.auth import ApiKeyAuth, resolve_api_key_digest
 from sepit.serve.config import ServeConfig
 from sepit.serve.errors import ApiError, InvalidInput, NotFound, NotReady, RequestTimeout
-from sepit.serve.limits import check_questions, resolve_max_new_tokens
+from sepit.serve.limits import check_max_new_tokens, check_questions
+from sepit.serve.metrics import IngressMetrics
 from sepit.serve.protein_input import ResolvedProtein, resolve_protein
 from sepit.serve.protocol import GenerationItem, GenerationResult, StreamEvent
 from sepit.serve.schemas import (
@@ -49,6 +50,7 @@ class SepitIngress:
         self.auth = ApiKeyAuth(api_key_digest or resolve_api_key_digest(config))
         self.model_name = config.served_model_name
         self.created = int(time.time())
+        self.metrics = IngressMetrics(self.model_name)  # Prometheus, through Ray Serve's metrics API
 
     def __serve_build_asgi_app__(self):
         from sepit.serve.api import create_api
@@ -70,13 +72,14 @@ class SepitIngress:
         # Structure parsing is CPU work; keep the event loop free for other requests.
         return await asyncio.to_thread(resolve_protein, request, self.config.limits)
 
-    def _item(self, question: str, protein: ResolvedProtein, max_new_tokens: int, do_sample: Optional[bool],
-              temperature: Optional[float], top_p: Optional[float], stop) -> GenerationItem:
-        gen = self.config.generation
+    @staticmethod
+    def _item(question: str, protein: ResolvedProtein, max_new_tokens: Optional[int], do_sample: Optional[bool],
+              temperature: Optional[float], top_p: Optional[float], stop, seed: Optional[int]) -> GenerationItem:
+        # Options left None take the model replica's generation defaults (its user_config may change them).
         return GenerationItem(
             question=question, sequence=protein.sequence, coords=protein.coords, coord_mask=protein.coord_mask,
-            max_new_tokens=max_new_tokens, do_sample=gen.do_sample if do_sample is None else do_sample,
-            temperature=temperature or gen.temperature, top_p=top_p or gen.top_p, stop=tuple(stop or ()),
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            stop=tuple(stop or ()), seed=seed,
         )
 
     async def _generate(self, items: list[GenerationItem], budget: float) -> list[GenerationResult]:
@@ -100,12 +103,12 @@ class SepitIngress:
     # ------------------------------------------------------------------ endpoints
     async def answer(self, request: AnswerRequest) -> AnswerResponse:
         t0 = time.perf_counter()
-        limits, gen = self.config.limits, self.config.generation
+        limits = self.config.limits
         questions = check_questions(request.questions, limits)
-        max_new = resolve_max_new_tokens(request.max_new_tokens, gen.max_new_tokens, limits, "max_new_tokens")
+        max_new = check_max_new_tokens(request.max_new_tokens, limits, "max_new_tokens")
         protein = await self._protein(request)
-        items = [self._item(q, protein, max_new, request.do_sample, request.temperature, request.top_p, request.stop)
-                 for q in questions]
+        items = [self._item(q, protein, max_new, request.do_sample, request.temperature, request.top_p, request.stop,
+                            request.seed) for q in questions]
         t1 = time.perf_counter()
         results = await self._generate(items, self._budget(request.timeout_s))
         t2 = time.perf_counter()
@@ -126,6 +129,7 @@ class SepitIngress:
 
     async def _chat_item(self, request: ChatCompletionRequest) -> tuple[GenerationItem, ResolvedProtein, float]:
         self.check_model(request.model)
+        oa.refuse_unsupported(request)
         question = oa.question_from_messages(request.messages, self.config.limits)
         if request.protein is None:
             raise InvalidInput(
@@ -135,11 +139,12 @@ class SepitIngress:
             )
         requested = request.max_completion_tokens or request.max_tokens
         field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        max_new = resolve_max_new_tokens(requested, self.config.generation.max_new_tokens, self.config.limits, field)
+        max_new = check_max_new_tokens(requested, self.config.limits, field)
         protein = await self._protein(request.protein)
         do_sample = None if request.temperature is None else request.temperature > 0
         stop = [request.stop] if isinstance(request.stop, str) else request.stop
-        item = self._item(question, protein, max_new, do_sample, request.temperature or None, request.top_p, stop)
+        item = self._item(question, protein, max_new, do_sample, request.temperature or None, request.top_p, stop,
+                          request.seed)
         return item, protein, time.perf_counter()
 
     async def chat(self, request: ChatCompletionRequest) -> dict:

@@ -110,10 +110,15 @@ def check_residues(n_residues: int, limits: LimitsConfig) -> None:
         raise LimitExceeded("max_residues", n_residues, limits.max_residues, "protein length (residues)")
 
 
-def resolve_max_new_tokens(requested: Optional[int], default: int, limits: LimitsConfig, field: str) -> int:
-    """The request's token budget (or the default), refused when above ``limits.max_new_tokens``."""
-    if requested is None:
-        return min(default, limits.max_new_tokens)
-    if requested > limits.max_new_tokens:
+def check_max_new_tokens(requested: Optional[int], limits: LimitsConfig, field: str) -> Optional[int]:
+    """The request's token budget as asked (None: the replica's default), refused when above
+    ``limits.max_new_tokens``."""
+    if requested is not None and requested > limits.max_new_tokens:
         raise LimitExceeded("max_new_tokens", requested, limits.max_new_tokens, field)
     return requested
+
+
+def resolve_max_new_tokens(requested: Optional[int], default: int, limits: LimitsConfig, field: str) -> int:
+    """The request's token budget (or the default), refused when above ``limits.max_new_tokens``."""
+    requested = check_max_new_tokens(requested, limits, field)
+    return min(default, limits.max_new_tokens) if requested is None else requested

@@ -9,6 +9,13 @@ tokenised once, when the request is validated.  The replica counts requests, ite
 and decode steps with an admission-size histogram (``stats()``), which the API exposes at
 ``GET /v1/stats`` so tests and operators can see that concurrent requests really share steps.
 
+Serve's ``user_config`` (``deployments: [{name: SepitModelRunner, user_config: {...}}]`` in a
+Serve config file) reaches :meth:`SepitModelRunner.reconfigure`, which applies ``max_batch_size``,
+``batch_wait_timeout_s`` and the generation defaults to the running replica: no restart, no
+model reload (``ServeConfig.with_user_config``).  Options a request leaves unset are filled here
+from the current defaults, so a change applies to the next request.  Decode-loop metrics go to
+Prometheus through Ray Serve (:class:`~sepit.serve.metrics.RunnerMetrics`).
+
 The replica never answers before it is warm: ``__init__`` runs a real generation through the
 same loop as requests, so Serve only routes traffic to it once the model has produced an
 answer.  The model runs in the loop's thread, so the replica's event loop keeps queueing new
@@ -18,18 +25,23 @@ requests (and answering health checks) while rows decode.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections import Counter
-from typing import AsyncIterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 from ray import serve
 
-from sepit.serve.batcher import ContinuousBatcher, DecodeRequest
-from sepit.serve.config import ServeConfig
+from sepit.serve.config import GenerationDefaults, ServeConfig
+from sepit.serve.metrics import DecodeLoopMetrics
 from sepit.serve.protocol import GenerationItem, GenerationResult, StreamEvent
+
+if TYPE_CHECKING:
+    from sepit.serve.batcher import DecodeRequest
+
+# torch, transformers and the decode loop are imported inside the replica, not at module level:
+# `serve deploy` imports this module in a build task only to name the deployment class.
 
 
 class ModelLoadError(RuntimeError):
@@ -55,6 +67,8 @@ def load_exported_model(model_dir: str, device: str):
 
 def pick_device(num_gpus: float) -> str:
     if num_gpus and num_gpus > 0:
+        import torch
+
         if not torch.cuda.is_available():
             raise ModelLoadError("num_gpus_per_replica=1 but this replica sees no CUDA device")
         return "cuda"
@@ -109,15 +123,31 @@ class SepitModelRunner:
     """One model replica (see the module docstring)."""
 
     def __init__(self, config: ServeConfig):
+        self.base_config = config  # the application's args; user_config applies on top of these
         self.config = config
+        self.user_config: Optional[dict] = None
         self.device = pick_device(config.num_gpus_per_replica)
         self.model = load_exported_model(config.model_dir, self.device)
         self.tokenizer = self.model.tokenizer
         self.stats_ = RunnerStats()
         self.warm = False
+        from sepit.serve.batcher import ContinuousBatcher
+
         self.batcher = ContinuousBatcher(self.model, config.max_batch_size, config.batch_wait_timeout_s, self.stats_)
         self.warmup_ms = self._warm_up()
-        self.stats_.reset()  # counters start after the warm-up: they describe traffic
+        # Counters and metrics start after the warm-up (and its last step's bookkeeping): they describe traffic.
+        self.batcher.wait_idle(timeout=60.0)
+        self.stats_.reset()
+        self.batcher.metrics = _replica_metrics(config.served_model_name)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's ``user_config`` hook: apply batching and generation settings in place.
+
+        Called after ``__init__`` and on every ``user_config`` change; a bad one raises
+        ``ConfigError`` naming the field (Serve then reports the update as failed)."""
+        config = self.base_config.with_user_config(user_config)
+        self.batcher.configure(config.max_batch_size, config.batch_wait_timeout_s)
+        self.config, self.user_config = config, dict(user_config or {})
 
     # ------------------------------------------------------------------ readiness
     def _warm_up(self) -> float:
@@ -148,18 +178,22 @@ class SepitModelRunner:
         out = self.stats_.snapshot()
         out["max_batch_size"] = self.config.max_batch_size
         out["batch_wait_timeout_s"] = self.config.batch_wait_timeout_s
+        out["generation"] = dataclasses.asdict(self.config.generation)
+        out["user_config"] = self.user_config
         out["replica"] = _replica_id()
+        out["warmup_ms"] = round(self.warmup_ms, 1)
         return out
 
     # ------------------------------------------------------------------ admission
     def _request(self, item: GenerationItem, budget_s: float, sink=None
-                 ) -> tuple[Optional[GenerationResult], Optional[DecodeRequest]]:
+                 ) -> tuple[Optional[GenerationResult], Optional["DecodeRequest"]]:
         """(refusal, None) when this model cannot take the item (checked alone, so a bad item never
         fails the rows it would have joined), else (None, a request for the decode loop).  The
         question is tokenised here, once."""
         from sepit.data.prompts import PromptError, encode_prompt
         from sepit.models.protein_batch import ProteinBatchError
 
+        item = with_defaults(item, self.config.generation, self.config.limits.max_new_tokens)
         try:
             prompt_ids = encode_prompt(self.tokenizer, item.question)
         except PromptError as exc:
@@ -172,9 +206,11 @@ class SepitModelRunner:
         # model's inference crop) - the placeholder.
         prompt_tokens = len(prompt_ids) - 1 + int(protein.attention_mask.sum())
         now = time.monotonic()
+        from sepit.serve.batcher import DecodeRequest
+
         return None, DecodeRequest(item, prompt_ids, prompt_tokens, now, now + budget_s, sink)
 
-    async def _wait(self, request: DecodeRequest) -> GenerationResult:
+    async def _wait(self, request: "DecodeRequest") -> GenerationResult:
         try:
             return await asyncio.wrap_future(self.batcher.submit(request))
         finally:
@@ -223,6 +259,28 @@ class SepitModelRunner:
             yield StreamEvent(delta=sink.finish(result.text) if not result.error else "", done=True, result=result)
         finally:
             sink.cancelled.set()  # no-op when finished; ends the row early when the client left
+
+
+def with_defaults(item: GenerationItem, gen: GenerationDefaults, max_new_tokens_limit: int) -> GenerationItem:
+    """``item`` with every option it left None taken from ``gen`` (the replica's current defaults)."""
+    return dataclasses.replace(
+        item,
+        max_new_tokens=min(gen.max_new_tokens, max_new_tokens_limit) if item.max_new_tokens is None else item.max_new_tokens,
+        do_sample=gen.do_sample if item.do_sample is None else item.do_sample,
+        temperature=gen.temperature if item.temperature is None else item.temperature,
+        top_p=gen.top_p if item.top_p is None else item.top_p,
+    )
+
+
+def _replica_metrics(model_name: str) -> DecodeLoopMetrics:
+    """Prometheus metrics inside a Serve replica; a no-op recorder elsewhere (direct use, benchmarks)."""
+    try:
+        serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - not inside a Serve replica
+        return DecodeLoopMetrics()
+    from sepit.serve.metrics import RunnerMetrics
+
+    return RunnerMetrics(model_name)
 
 
 def _replica_id() -> Optional[str]:

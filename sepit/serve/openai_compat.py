@@ -6,6 +6,11 @@ absent).  Custom system prompts and earlier assistant turns are refused with a r
 than silently dropped.  Streaming follows OpenAI's server-sent events: a first chunk with the
 assistant role, content chunks, a final chunk with ``finish_reason``, an optional usage chunk
 (``stream_options.include_usage``), then ``data: [DONE]``.
+
+OpenAI fields whose meaning the server cannot serve (several choices, log-probabilities, tool
+calls, JSON output modes) are refused with 400 and OpenAI's error shape
+(:func:`refuse_unsupported`); a client asking for them gets an error, never a plain answer that
+silently lacks what it asked for.  Harmless fields (``user``, ``metadata``, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -17,10 +22,39 @@ import uuid
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
 from sepit.serve.config import LimitsConfig
-from sepit.serve.errors import InvalidInput, LimitExceeded, error_body
+from sepit.serve.errors import InvalidInput, LimitExceeded, Unsupported, error_body
 from sepit.serve.limits import check_questions
 from sepit.serve.protocol import GenerationResult, StreamEvent
-from sepit.serve.schemas import ChatChoice, ChatChoiceMessage, ChatCompletion, ChatMessage, Usage
+from sepit.serve.schemas import (
+    ChatChoice, ChatChoiceMessage, ChatCompletion, ChatCompletionRequest, ChatMessage, Usage,
+)
+
+
+def refuse_unsupported(request: ChatCompletionRequest) -> None:
+    """Raise :class:`Unsupported` (400, ``param`` = the field) for a field this server cannot honour."""
+    if request.n > 1:
+        raise Unsupported(f"n={request.n}: this server returns one choice per request; send {request.n} "
+                          "requests instead (with different `seed`s for different samples)", param="n")
+    if request.logprobs:
+        raise Unsupported("logprobs are not returned by this server; send `logprobs: false` or leave it out",
+                          param="logprobs")
+    if request.top_logprobs:
+        raise Unsupported("top_logprobs are not returned by this server; leave `top_logprobs` out",
+                          param="top_logprobs")
+    for name in ("tools", "functions"):
+        if getattr(request, name):
+            raise Unsupported(f"`{name}`: tool calling is not supported by this model; leave `{name}` out",
+                              param=name)
+    for name in ("tool_choice", "function_call"):
+        value = getattr(request, name)
+        if value is not None and value != "none":
+            raise Unsupported(f"`{name}`: tool calling is not supported by this model; leave `{name}` out "
+                              "or set it to \"none\"", param=name)
+    if request.response_format is not None:
+        kind = request.response_format.get("type")
+        if kind != "text":
+            raise Unsupported(f"response_format type {kind!r} is not supported: the model answers in free text; "
+                              "use {\"type\": \"text\"} or leave `response_format` out", param="response_format")
 
 
 def question_from_messages(messages: list[ChatMessage], limits: LimitsConfig) -> str:

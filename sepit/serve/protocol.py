@@ -2,7 +2,8 @@
 
 One :class:`GenerationItem` is one (protein, question) generation with its options; a
 ``/v1/answer`` request with three questions sends three items, which the replica's dynamic
-decode loop runs alongside other requests' items (options are per item).
+decode loop runs alongside other requests' items (options are per item; options left None
+take the replica's current generation defaults).
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ class GenerationItem:
     """[n, 3] float32 Cα coordinates in Å, or None (sequence only)."""
     coord_mask: Optional[np.ndarray] = None
     """[n] bool, True where ``coords`` holds a real position."""
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: Optional[int] = None
+    """None: the replica's ``generation.max_new_tokens`` (its ``user_config`` may change it)."""
+    do_sample: Optional[bool] = None
+    """None: the replica's default; options left None are filled by the replica, so a change of
+    its generation defaults through ``user_config`` applies without touching the ingress."""
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
     stop: tuple[str, ...] = ()
+    seed: Optional[int] = None
+    """Seed of this row's own sampling generator: the same item and seed give the same tokens,
+    whatever rows decode alongside it.  None: the replica's shared random stream."""
 
 
 @dataclass

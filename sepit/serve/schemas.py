@@ -2,15 +2,22 @@
 
 Requests are strict: a wrong JSON type is a 422 naming the field, never a silent coercion
 (``"questions": [1]`` is refused, not read as ``["1"]``).  ``/v1/answer`` refuses unknown
-fields (typos surface); the OpenAI-compatible chat body ignores fields it does not use
-(``presence_penalty``, ``user``, ...) as OpenAI-compatible servers do, so standard clients work.
+fields (typos surface); the OpenAI-compatible chat body ignores harmless fields it does not use
+(``user``, ``presence_penalty``, ...) as OpenAI-compatible servers do, so standard clients work,
+but declares the ones whose meaning it cannot serve (``n`` > 1, ``logprobs``, ``tools``, a JSON
+``response_format``) so the ingress refuses them with 400
+(:func:`sepit.serve.openai_compat.refuse_unsupported`) instead of answering something else.
 """
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Union
+from typing import Any, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+#: Largest accepted ``seed`` (torch generators take 64-bit seeds).
+MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- protein input
@@ -54,6 +61,10 @@ class GenerationOptions(BaseModel):
     stop: Optional[List[str]] = Field(None, max_length=4, description="Strings that end an answer (not included).")
     timeout_s: Optional[float] = Field(
         None, gt=0, description="Client deadline in seconds; capped at the server's request timeout."
+    )
+    seed: Optional[int] = Field(
+        None, ge=0, le=MAX_SEED,
+        description="Seed of sampling: the same request with the same seed gives the same answers.",
     )
 
 
@@ -152,10 +163,21 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 or unset: greedy decoding.")
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
+    n: int = Field(1, ge=1, description="Only 1 is served (one choice per request); more is refused with 400.")
+    seed: Optional[int] = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of sampling: the same request and seed give the same answer.",
+    )
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, List[str]]] = None
+    # Declared only to be refused (400) when asked for; see openai_compat.refuse_unsupported.
+    logprobs: Optional[bool] = Field(None, description="Not served: `true` is refused with 400.")
+    top_logprobs: Optional[int] = Field(None, ge=0, description="Not served: a value above 0 is refused with 400.")
+    tools: Optional[List[Any]] = Field(None, description="Not served: tool calling is refused with 400.")
+    tool_choice: Optional[Union[str, dict]] = Field(None, description="Not served unless `none`.")
+    functions: Optional[List[Any]] = Field(None, description="Not served (legacy tools): refused with 400.")
+    function_call: Optional[Union[str, dict]] = Field(None, description="Not served unless `none`.")
+    response_format: Optional[dict] = Field(None, description="Only `{\"type\": \"text\"}` is served.")
 
 
 class ChatChoiceMessage(BaseModel):
