@@ -7,6 +7,8 @@ offline and survives concurrent writers on one machine).
 
     with start_run("stage1", out_dir=out, parent_run_id=pipeline_run) as run:
         log_params(cfg_dict); mlflow.log_metric(...)
+
+Exported models go to the model registry through :mod:`sepit.tracking.models`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Iterator, Mapping
 
 DEFAULT_EXPERIMENT = "sepit"
 MLFLOW_DB = "mlflow.db"
+#: ``0`` turns off MLflow's system metrics for runs started here (e.g. in short tests).
+SYSTEM_METRICS_ENV = "SEPIT_SYSTEM_METRICS"
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:
@@ -93,6 +97,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def system_info() -> dict[str, str]:
+    """What the run ran on (tags ``sys.*``): versions and machine size; MLflow's system metrics
+    (psutil, like the memory size here) add the utilisation over time."""
+    import psutil
     import torch
 
     info = {
@@ -101,6 +108,7 @@ def system_info() -> dict[str, str]:
         "torch": torch.__version__,
         "cuda_available": str(torch.cuda.is_available()),
         "cpu_count": str(os.cpu_count()),
+        "memory_gib": f"{psutil.virtual_memory().total / 2**30:.1f}",
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -123,11 +131,15 @@ def start_run(
     parent_run_id: str | None = None,
     run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
+    system_metrics: bool | None = None,
 ) -> Iterator[Any]:
     """Start (or resume, with ``run_id``) an MLflow run; nested under ``parent_run_id`` if given.
 
-    Logs the system info as tags. Yields the active ``mlflow.ActiveRun``; the run ends FAILED if
-    the body raises.
+    Logs the system info (package versions, platform) as tags and, while the run is open, MLflow's
+    system metrics (CPU, memory, disk, network, GPU when present; every
+    ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` s, 10 by default).  ``system_metrics=None`` follows
+    ``$SEPIT_SYSTEM_METRICS`` (default on; ``0`` turns it off).  Yields the active
+    ``mlflow.ActiveRun``; the run ends FAILED if the body raises.
     """
     import mlflow
 
@@ -135,51 +147,38 @@ def start_run(
     exp_id = get_or_create_experiment(experiment, uri)
     all_tags = {f"sys.{k}": v for k, v in system_info().items()}
     all_tags.update(tags or {})
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
     # Do not let a run left active in this process (e.g. a pipeline parent) swallow ours.
     active = mlflow.active_run()
     nested = active is not None
+    parent = None if run_id else parent_run_id
+    if parent and active is not None and active.info.run_id != parent:
+        # MLflow nests a run under the active one only; another parent is recorded by its tag.
+        all_tags["mlflow.parentRunId"], parent = parent, None
+    if system_metrics is None:
+        system_metrics = os.environ.get(SYSTEM_METRICS_ENV, "1") not in ("0", "false", "False", "")
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else exp_id,
         run_name=None if run_id else run_name,
         nested=nested,
+        parent_run_id=parent,
         tags=all_tags if not run_id else None,
+        log_system_metrics=system_metrics,
     ) as run:
         yield run
 
 
 def log_params(params: Mapping[str, Any]) -> None:
+    """Log a nested dict as flat params (MLflow splits it into batches of 100 itself)."""
     import mlflow
 
-    flat = flatten(params)
-    items = list(flat.items())
-    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        mlflow.log_params(dict(items[i : i + 100]))
+    mlflow.log_params(flatten(params))
 
 
 def log_dict_artifact(data: Any, name: str) -> None:
     import mlflow
 
     mlflow.log_dict(data, name)
-
-
-def find_run_artifact_dir(run_id: str, tracking_uri: str, artifact_path: str = "",
-                          dst_path: str | Path | None = None) -> Path:
-    """Download (or locate, for a local store) a run's artifact folder; used for ``--init RUN_ID``.
-
-    ``dst_path`` puts the copy in a chosen folder (e.g. a job's output folder on shared storage,
-    so training workers on other nodes can read it); default: MLflow's temporary folder.
-    """
-    import mlflow
-
-    _set_uri(tracking_uri)
-    if dst_path is not None:
-        Path(dst_path).mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None,
-                                                dst_path=None if dst_path is None else str(dst_path))
-    return Path(local)
 
 
 # --------------------------------------------------------------------------- used by training
@@ -195,15 +194,17 @@ def run_params(run_id: str, tracking_uri: str) -> dict[str, str] | None:
 
 
 class MetricBatch:
-    """Per-step metrics buffered and sent with ``log_batch`` (1000 metrics per request), so a
-    training loop does not hit the store once per step; works from any process given the URI."""
+    """Per-step metrics of one run, sent from any process given the URI with MLflow's asynchronous
+    logging: ``add`` returns at once, MLflow's queue sends them (merging what arrives within
+    ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` into one request when that is set) and ``flush``
+    waits until everything added so far is stored (called at checkpoints and at the end)."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri)
         self.run_id = run_id
-        self._pending: list[Any] = []
+        self._pending: list[Any] = []  # RunOperations of adds not yet known to be stored
 
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
         import time
@@ -211,9 +212,12 @@ class MetricBatch:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        ops = self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()],
+                                     synchronous=False)
+        if ops is not None:
+            self._pending.append(ops)
 
     def flush(self) -> None:
-        for i in range(0, len(self._pending), 1000):
-            self._client.log_batch(self.run_id, metrics=self._pending[i : i + 1000])
-        self._pending = []
+        pending, self._pending = self._pending, []
+        for ops in pending:
+            ops.wait()

@@ -3,7 +3,8 @@
 ``lineage.json`` sits in every exported model folder and is logged to the stage's MLflow run
 (with the ``sepit.parent`` tags), so any model can be traced back to the data and code that made
 it.  :func:`resolve_parent` turns ``--init`` (a previous stage's folder, an ``s3://`` / ``gs://``
-URI of one, or its MLflow run id) into a local model folder.
+URI of one, a registered model ``models:/NAME@ALIAS``, or its MLflow run id) into a local model
+folder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from sepit.storage import Location
 
 LINEAGE_FILE = "lineage.json"
-#: The exported model folder inside a stage run's MLflow artifacts.
+#: The MLflow Model inside a stage run's artifacts (``runs:/RUN_ID/model``).
 MODEL_ARTIFACT = "model"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -40,7 +41,8 @@ class ParentRef:
     stage: str | None = None
     """The parent's stage name, read from its lineage.json when present."""
     uri: str | None = None
-    """Where the parent was read from when it is an object-store URI (``path`` is its local copy)."""
+    """Where the parent was read from when it is an object-store or MLflow model URI (``path`` is
+    its local copy)."""
 
 
 def sha256_file(path: "str | Path | Location", chunk: int = 1 << 20) -> str:
@@ -84,10 +86,13 @@ def read_lineage(model_dir: str | Path) -> dict[str, Any] | None:
 
 
 def resolve_parent(ref: str, tracking_uri: str | None, download_to: str | Path | None = None) -> ParentRef:
-    """A previous stage's exported folder, or the ``model`` artifact of an MLflow run id (copied
-    into ``download_to`` when given: the stage's output folder, which workers can read).  An
-    ``s3://`` / ``gs://`` folder is downloaded the same way (into ``download_to``, else the cache)."""
+    """A previous stage's exported folder (local, ``s3://`` / ``gs://``), an MLflow model URI
+    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``runs:/RUN_ID/model``) or a bare run id
+    (= ``runs:/RUN_ID/model``).  Remote folders and MLflow models are copied into
+    ``download_to``/model when given (the stage's output folder, which workers can read), else
+    into the local cache."""
     from sepit.storage import download_dir, is_remote, localize_dir, resolve
+    from sepit.tracking.models import ModelURIError, is_model_uri, localize_model
 
     if is_remote(ref):
         loc = resolve(ref)
@@ -99,24 +104,24 @@ def resolve_parent(ref: str, tracking_uri: str | None, download_to: str | Path |
         lin = read_lineage(local) or {}
         return ParentRef(path=str(local), run_id=lin.get("mlflow_run_id"), stage=lin.get("stage"), uri=loc.uri)
     path = Path(ref).expanduser()
-    if path.is_dir():
+    if not is_model_uri(ref) and path.is_dir():
         if (path / "model").is_dir() and not (path / "config.json").is_file():
             path = path / "model"  # a stage's output folder was given instead of its model folder
         lin = read_lineage(path) or {}
         return ParentRef(path=str(path.resolve()), run_id=lin.get("mlflow_run_id"), stage=lin.get("stage"))
     if _RUN_ID.match(ref):
-        if not tracking_uri:
-            raise ParentNotFoundError(f"--init {ref} looks like an MLflow run id but no tracking URI is set")
-        from sepit.tracking import find_run_artifact_dir
-
+        ref = f"runs:/{ref}/{MODEL_ARTIFACT}"
+    if is_model_uri(ref):
         try:
-            local = find_run_artifact_dir(ref, tracking_uri, MODEL_ARTIFACT, dst_path=download_to)
-        except Exception as exc:  # MLflow raises several types for unknown runs / artifacts
-            raise ParentNotFoundError(
-                f"MLflow run {ref} at {tracking_uri} has no '{MODEL_ARTIFACT}' artifact: {exc}") from None
+            local = localize_model(ref, tracking_uri=tracking_uri,
+                                   dst=Path(download_to) / "model" if download_to else None)
+        except ModelURIError as exc:
+            raise ParentNotFoundError(f"--init {exc}") from None
         lin = read_lineage(local) or {}
-        return ParentRef(path=str(local), run_id=ref, stage=lin.get("stage"))
-    raise ParentNotFoundError(f"--init {ref!r} is neither an existing folder nor an MLflow run id (32 hex digits)")
+        run_id = lin.get("mlflow_run_id") or (ref.split("/")[1] if ref.startswith("runs:/") else None)
+        return ParentRef(path=str(local), run_id=run_id, stage=lin.get("stage"), uri=ref)
+    raise ParentNotFoundError(f"--init {ref!r} is neither an existing folder, an MLflow model URI "
+                              "(models:/NAME@ALIAS, runs:/RUN_ID/model) nor an MLflow run id (32 hex digits)")
 
 
 def dataset_fingerprint(dataset_dir: str | Path, stage: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 command-line parsing, and checks on the folder a stage starts from.
 
     sepit stage1 --preset tiny --data DATA --out runs/stage1 --init runs/stage0 train.max_steps=50
+    sepit stage2 --data DATA --out runs/stage2 --init models:/sepit-stage1@latest --tracking-uri URI
     python jobs/stage1.py --config stage1.yaml train.num_workers=2
 """
 
@@ -76,7 +77,9 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
     parser.add_argument("--data", help="built dataset folder (data.dataset_dir)")
     parser.add_argument("--out", help="output folder (train.output_dir); re-using it resumes")
     if stage > 0:
-        parser.add_argument("--init", help=f"stage-{stage - 1} output folder or its MLflow run id")
+        parser.add_argument("--init", help=f"stage-{stage - 1} output folder, its MLflow run id, or a registered "
+                            f"model (models:/sepit-stage{stage - 1}@latest, models:/NAME@ALIAS, "
+                            "models:/NAME/VERSION, runs:/RUN_ID/model)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in the output folder)")
     parser.add_argument("--parent-run-id", help="MLflow run to nest this stage's run under")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
@@ -100,13 +103,17 @@ def config_from_args(args: argparse.Namespace, preset_fn: Callable[[str], dict[s
 
 def run_cli(args: argparse.Namespace, name: str, preset_fn, cls, run_fn) -> int:
     """Shared ``run(args)`` of the stage commands: clear one-line errors, a summary at the end."""
+    from sepit.console import capture_logs
+    from sepit.storage import staging_dir
+
     from .data import EmptySplitError
     from .launch import TrainingError
     from .lineage import ParentNotFoundError
 
     try:
         config = config_from_args(args, preset_fn, cls)
-        result = run_fn(config)
+        with capture_logs(staging_dir(config.train.output_dir)):  # Ray/DeepSpeed/MLflow -> <out>/logs/
+            result = run_fn(config)
     except (ConfigError, StageInitError, ParentNotFoundError, FileNotFoundError, EmptySplitError, TrainingError) as exc:
         print(f"sepit {name}: {exc}", file=sys.stderr)
         return 2
@@ -116,5 +123,8 @@ def run_cli(args: argparse.Namespace, name: str, preset_fn, cls, run_fn) -> int:
     print(f"sepit {name}: done, metrics {shown}")
     print(f"  model:  {result['model_dir']}")
     print(f"  MLflow: run {result['mlflow_run_id']} at {result['tracking_uri']}")
+    if result.get("registered_model"):
+        print(f"  registry: {result['registered_model']} (alias @newest; serve it with --model "
+              f"{result['registered_model'].rsplit('/', 1)[0]}@latest)")
     return 0
 
