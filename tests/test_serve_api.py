@@ -494,8 +494,9 @@ def test_prometheus_metrics_on_rays_metrics_endpoint(server):
     assert _value(samples, "ray_sepit_requests_total", route="/v1/answer", status="200", **app) >= 1
     assert _value(samples, "ray_sepit_requests_total", route="/v1/chat/completions", status="200", **app) >= 1
     assert _value(samples, "ray_sepit_request_duration_seconds_count", route="/v1/answer", **app) >= 1
-    # Every decode step had a row, so no step falls in a bucket below 1 (Ray re-derives _sum from buckets).
-    assert _value(samples, "ray_sepit_batch_size_bucket", le="1.0", **app) <= stats["decode_steps"]
+    # Every step had at least one row (buckets at k + 0.5: "le=0.5" holds the steps with no row).
+    assert _value(samples, "ray_sepit_batch_size_bucket", le="0.5", **app) == 0
+    assert _value(samples, "ray_sepit_batch_size_sum", **app) >= stats["decode_steps"]
     assert _value(samples, "ray_sepit_prompt_tokens_total", **app) > 0
     assert _value(samples, "ray_sepit_time_to_first_token_seconds_sum", **app) > 0
     assert any(n == "ray_sepit_tokens_per_second" and tags.get("application") == "open" and v > 0

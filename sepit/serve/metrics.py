@@ -7,7 +7,8 @@ each node's metrics export port (Prometheus text at ``http://NODE:PORT/metrics``
 ``ray._private.worker.global_worker.node.metrics_export_port``).  Ray prefixes every name with
 ``ray_`` and counters get ``_total``, so ``sepit_requests`` is scraped as
 ``ray_sepit_requests_total``.  Values reach the exporter every ``RAY_metrics_report_interval_ms``
-(10 s by default).
+(10 s by default).  Ray rebuilds histogram observations from bucket midpoints, so a histogram's
+``_count`` and buckets are exact and its ``_sum`` approximate (exact for batch sizes up to 16).
 
 HTTP side (:class:`IngressMetrics`, the ingress replica; tags ``route``, ``status``, ``model``):
 
@@ -36,8 +37,9 @@ from typing import Optional, Sequence
 
 #: Request latency buckets (seconds): tens of ms (a 4xx) to minutes (a long stream).
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
-#: Rows per decode step.
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+#: Rows per decode step, as half-integer bounds: Ray (2.60) rebuilds a histogram's observations
+#: from bucket midpoints, so ``le="8.5"`` = "at most 8 rows" and ``_sum`` stays exact up to 16 rows.
+BATCH_BUCKETS = [k + 0.5 for k in range(17)] + [24.5, 32.5, 48.5, 64.5, 96.5, 128.5, 192.5, 256.5]
 #: Routes reported by name; any other path is reported as ``other`` (bounded label values).
 KNOWN_ROUTES = frozenset({
     "/v1/answer", "/v1/chat/completions", "/v1/models", "/v1/stats", "/healthz", "/readyz", "/docs",
