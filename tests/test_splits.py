@@ -51,21 +51,29 @@ def test_prefilter_keeps_homologs_and_identical_copies(proteins):
 
 
 def test_no_cross_split_pair_at_threshold_exhaustive(proteins):
-    """Split 120 real proteins, then align *every* pair (no prefilter) and look for leaks."""
+    """Split 120 real proteins (prefilter and exhaustive search), then align *every* pair and look
+    for leaks; the exhaustive report's cross-split maxima are the brute-force ones."""
     keys = [a for a, _ in proteins[:120]]
     seqs = [s for _, s in proteins[:120]]
-    report = homology_split(keys, seqs, threshold=0.4, seed=3)
     all_pairs = np.array([(i, j) for i in range(120) for j in range(i + 1, 120)])
     ident = pair_identities(seqs, all_pairs)
-    cross = [ident[k] for k, (i, j) in enumerate(all_pairs) if report.split_of[i] != report.split_of[j]]
-    assert max(cross) < 0.4
-    assert max(report.max_cross_identity.values()) < 0.4
-    assert sorted(set(report.split_of)) == ["test", "train", "val"]
+    for search in ("prefilter", "exhaustive"):
+        report = homology_split(keys, seqs, threshold=0.4, seed=3, search=search)
+        assert report.search["mode"] == search
+        cross = [ident[k] for k, (i, j) in enumerate(all_pairs) if report.split_of[i] != report.split_of[j]]
+        assert max(cross) < 0.4
+        assert max(report.max_cross_identity.values()) < 0.4
+        assert sorted(set(report.split_of)) == ["test", "train", "val"]
+    assert report.n_candidate_pairs == len(all_pairs) and report.as_dict()["note"] == "every pair of proteins was aligned"
+    for name, best in report.max_cross_identity.items():
+        a, b = name.split("-")
+        brute = max(ident[k] for k, (i, j) in enumerate(all_pairs) if {report.split_of[i], report.split_of[j]} == {a, b})
+        assert best == round(float(brute), 4)
 
 
 def test_split_on_all_bundled_annotation_proteins(proteins):
     keys, seqs = [a for a, _ in proteins], [s for _, s in proteins]
-    report = homology_split(keys, seqs, threshold=0.4, seed=0)
+    report = homology_split(keys, seqs, threshold=0.4, seed=0, search="prefilter")  # 758 proteins: exhaustive is minutes
     assert len(report.split_of) == len(keys) and report.n_clusters < len(keys)
     assert max(report.max_cross_identity.values()) < 0.4
     counts = {s: report.split_of.count(s) for s in ("train", "val", "test")}
@@ -80,12 +88,13 @@ def test_split_on_all_bundled_annotation_proteins(proteins):
 def test_split_is_deterministic_and_independent_of_input_order(proteins):
     sub = proteins[:120]
     keys, seqs = [a for a, _ in sub], [s for _, s in sub]
-    base = dict(zip(keys, homology_split(keys, seqs, seed=5).split_of))
-    again = dict(zip(keys, homology_split(keys, seqs, seed=5).split_of))
+    base = dict(zip(keys, homology_split(keys, seqs, seed=5, search="prefilter").split_of))
+    again = dict(zip(keys, homology_split(keys, seqs, seed=5, search="prefilter").split_of))
     order = list(range(len(sub)))
     random.Random(0).shuffle(order)
-    shuffled = dict(zip([keys[i] for i in order], homology_split([keys[i] for i in order], [seqs[i] for i in order], seed=5).split_of))
-    other_seed = dict(zip(keys, homology_split(keys, seqs, seed=6).split_of))
+    shuffled = dict(zip([keys[i] for i in order], homology_split([keys[i] for i in order], [seqs[i] for i in order], seed=5,
+                                                                 search="prefilter").split_of))
+    other_seed = dict(zip(keys, homology_split(keys, seqs, seed=6, search="prefilter").split_of))
     assert base == again == shuffled
     assert base != other_seed
 
@@ -127,7 +136,7 @@ def test_stratified_split_gives_every_split_its_share_of_structures(proteins):
     strata = [int(a in structured) for a in keys]
     n_struct = sum(strata)
     assert n_struct >= 70  # the bundled AFDB/PDB proteins with an annotation
-    report = homology_split(keys, seqs, threshold=0.4, seed=0, strata=strata)
+    report = homology_split(keys, seqs, threshold=0.4, seed=0, strata=strata, search="prefilter")
     assert max(report.max_cross_identity.values()) < 0.4
     by_cluster: dict[int, set] = {}
     for c, s in zip(report.cluster_of, report.split_of):

@@ -10,16 +10,19 @@ sequences several paths share the optimal score and the count depends on which i
 homologs (the pairs that matter) the paths and counts agree.  :func:`aligner` (Biopython, with
 traceback, same scoring) serves code that needs the aligned positions themselves.
 
-All-pairs alignment is quadratic, so :func:`candidate_pairs` first ranks pairs by the cosine
+Which pairs are aligned is the homology search's choice (:mod:`sepit.data.homology`):
+:func:`exhaustive_identities` aligns every pair (row by row, with progress); :func:`candidate_pairs` is the fast k-mer prefilter, which ranks pairs by the cosine
 similarity of their k-mer sets (a sparse matrix product, computed in row blocks) and keeps, for
-every sequence, its ``top_m`` most similar partners plus every pair above ``min_cosine``.  Only
-those are aligned.  The prefilter can miss weak homologs (``docs/datasets.md`` gives the recall
-measured against exhaustive alignment on the bundled data); every statement about identity made
-from it says "over pairs passing the prefilter".
+every sequence, its ``top_m`` most similar partners plus every pair above ``min_cosine``.  The
+prefilter misses weak homologs (``docs/datasets.md`` gives each mode's recall measured against
+exhaustive alignment on the bundled data).  Alignment loops of at least
+:data:`PROGRESS_MIN_PAIRS` pairs show a console progress display (:class:`sepit.console.Progress`:
+a tqdm bar on a terminal, one line per update at most every 15 s otherwise).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -81,9 +84,69 @@ def sequence_identity(a: str, b: str) -> float:
     return result.matches / min(len(a), len(b))
 
 
-def pair_identities(sequences: Sequence[str], pairs: np.ndarray) -> np.ndarray:
+#: Alignment work below this many pairs shows no progress display (it takes a second or two).
+PROGRESS_MIN_PAIRS = 20_000
+
+
+def _progress(total: int, label: Optional[str]):
+    """A console progress display for ``total`` pairs; None when the work is too small to show or
+    ``label`` is None (a Ray task: the driver shows the progress)."""
+    if label is None or total < PROGRESS_MIN_PAIRS:
+        return None
+    from sepit.console import Progress
+
+    return Progress(label, total, "pairs", start=0)
+
+
+def pair_identities(sequences: Sequence[str], pairs: np.ndarray, label: Optional[str] = "align candidate pairs") -> np.ndarray:
     """Identity for each ``(i, j)`` row of ``pairs`` (float32 array, same order)."""
-    return np.array([sequence_identity(sequences[i], sequences[j]) for i, j in np.asarray(pairs)], np.float32)
+    pairs = np.asarray(pairs)
+    out = np.empty(len(pairs), np.float32)
+    bar, t0 = _progress(len(pairs), label), time.time()
+    for r, (i, j) in enumerate(pairs):
+        out[r] = sequence_identity(sequences[i], sequences[j])
+        if bar is not None and (r + 1) % 2000 == 0:
+            bar.update(r + 1, **{"pairs/s": (r + 1) / max(time.time() - t0, 1e-9)})
+    if bar is not None:
+        bar.update(len(pairs), **{"pairs/s": len(pairs) / max(time.time() - t0, 1e-9)})
+        bar.close()
+    return out
+
+
+def row_identities(sequences: Sequence[str], i: int) -> np.ndarray:
+    """Identity of sequence ``i`` with every later sequence ``j > i`` (float32, ``j`` order).
+
+    One :func:`sequence_identity` call per pair.  (parasail's query-profile API, which would
+    reuse sequence ``i``'s profile for all its targets, segfaults in parasail 1.3.4's Python
+    bindings for every ``*_profile_*`` aligner tried, so it is not used.)
+    """
+    a = sequences[i]
+    return np.array([sequence_identity(a, b) for b in sequences[i + 1:]], np.float32)
+
+
+def all_pairs(n: int, r0: int = 0, r1: Optional[int] = None) -> np.ndarray:
+    """``[m, 2]`` int64 pairs ``(i, j)``, ``r0 <= i < r1``, ``i < j < n``, in row-major order."""
+    r1 = n if r1 is None else r1
+    rows = [np.stack([np.full(n - i - 1, i), np.arange(i + 1, n)], axis=1) for i in range(r0, min(r1, n))]
+    return np.concatenate(rows).astype(np.int64) if rows else np.empty((0, 2), np.int64)
+
+
+def exhaustive_identities(sequences: Sequence[str], r0: int = 0, r1: Optional[int] = None,
+                          label: Optional[str] = "align all pairs") -> np.ndarray:
+    """Identity of every pair ``(i, j)`` with ``r0 <= i < r1`` and ``i < j`` (float32, in the order of
+    :func:`all_pairs`): no prefilter, so no pair at any identity is missed."""
+    n = len(sequences)
+    r1 = n if r1 is None else min(r1, n)
+    total = sum(n - i - 1 for i in range(r0, r1))
+    bar, t0, done, rows = _progress(total, label), time.time(), 0, []
+    for i in range(r0, r1):
+        rows.append(row_identities(sequences, i))
+        done += len(rows[-1])
+        if bar is not None:
+            bar.update(done, **{"pairs/s": done / max(time.time() - t0, 1e-9)})
+    if bar is not None:
+        bar.close()
+    return np.concatenate(rows) if rows else np.empty(0, np.float32)
 
 
 def _kmer_codes(seq: str, k: int) -> np.ndarray:

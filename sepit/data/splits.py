@@ -2,10 +2,11 @@
 
 Method (documented in ``docs/datasets.md``):
 
-1. candidate pairs from the k-mer prefilter (:func:`sepit.data.identity.candidate_pairs`);
-2. alignment identity of every candidate pair (in process, or as a Ray Data ``map_batches``
-   step for large inputs);
-3. single-linkage clustering: union-find over pairs with identity >= ``threshold``;
+1. the pairs to align come from the homology search (:func:`sepit.data.homology.search_pairs`:
+   every pair, the k-mer prefilter's candidates or MMseqs2's hits; ``auto`` picks by size);
+2. alignment identity of each of those pairs (in process, or on Ray for large inputs);
+3. single-linkage clustering: connected components of the graph of pairs with identity >=
+   ``threshold`` (``scipy.sparse.csgraph.connected_components``);
 4. clusters visited in a seeded order keyed by their smallest protein id (so the result does not
    depend on input order) and each given to the split furthest below its target share of proteins;
    with ``strata`` (e.g. has-a-structure), a cluster's stratum is the highest of its members' and
@@ -14,8 +15,8 @@ Method (documented in ``docs/datasets.md``):
    breaks the homology rule.
 
 A protein is one entry of the ``keys`` list; it lands in exactly one split.  The report gives the
-maximum identity between any two proteins of different splits *over the aligned candidate
-pairs* (pairs the prefilter dropped were never aligned).
+maximum identity between any two proteins of different splits *over the aligned pairs*: every
+pair in ``exhaustive`` mode, else only the pairs the search proposed.
 """
 
 from __future__ import annotations
@@ -25,29 +26,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sepit.data.identity import PrefilterParams, candidate_pairs, pair_identities
+from sepit.data.homology import EXHAUSTIVE_MAX_PROTEINS, search_pairs
+from sepit.data.identity import PrefilterParams, pair_identities
+from sepit.data.mmseqs import MmseqsParams
 from sepit.data.questions import rng_for
 
 SPLITS = ("train", "val", "test")
-
-
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
-
-    def find(self, x: int) -> int:
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:  # path compression
-            self.parent[x], x = root, self.parent[x]
-        return int(root)
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
 
 @dataclass
 class SplitReport:
@@ -68,18 +52,25 @@ class SplitReport:
     prefilter: dict = field(default_factory=dict)
     strata: dict[str, dict[str, int]] = field(default_factory=dict)
     """Stratum value -> proteins per split, when the split was stratified."""
+    search: dict = field(default_factory=dict)
+    """The homology search that ran (:meth:`sepit.data.homology.PairSearch.info`)."""
 
     def as_dict(self) -> dict:
+        mode = self.search.get("mode", "prefilter")
+        found_by = {"exhaustive": "every pair aligned (exhaustive)",
+                    "prefilter": "k-mer cosine prefilter candidates",
+                    "mmseqs": "MMseqs2 all-against-all hits"}[mode]
+        over = ("every pair of proteins was aligned" if mode == "exhaustive" else
+                f"maximum identity is over the pairs the {mode} search proposed; pairs it dropped were not aligned")
         return {
             "stratified_by": "has_structure" if self.strata else None, "proteins_per_stratum": self.strata,
-            "method": "k-mer cosine prefilter -> semi-global BLOSUM62 alignment identity (identical "
-                      "residues / shorter length) -> single-linkage clustering -> clusters to splits",
+            "method": f"{found_by} -> semi-global BLOSUM62 alignment identity (identical residues / shorter "
+                      "length) -> single-linkage clustering -> clusters to splits",
             "threshold": self.threshold, "n_clusters": self.n_clusters,
             "n_candidate_pairs_aligned": self.n_candidate_pairs, "n_pairs_at_or_above_threshold": self.n_pairs_at_threshold,
             "max_cross_split_identity": self.max_cross_identity, "max_cross_split_pair": self.max_cross_pair,
-            "n_cross_split_pairs_aligned": self.n_cross_pairs, "prefilter": self.prefilter,
-            "note": "maximum identity is over candidate pairs that passed the k-mer prefilter; pairs it "
-                    "dropped were not aligned",
+            "n_cross_split_pairs_aligned": self.n_cross_pairs, "homology_search": self.search,
+            "prefilter": self.prefilter if mode == "prefilter" else None, "note": over,
         }
 
 
@@ -140,45 +131,75 @@ def homology_split(
     keys: Sequence[str], sequences: Sequence[str], threshold: float = 0.4,
     ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
     prefilter: PrefilterParams = PrefilterParams(), use_ray: bool = False,
-    strata: Sequence[int] | None = None,
+    strata: Sequence[int] | None = None, search: str = "auto", mmseqs: MmseqsParams = MmseqsParams(),
+    exhaustive_max_proteins: int = EXHAUSTIVE_MAX_PROTEINS,
 ) -> SplitReport:
     """Cluster ``sequences`` at ``threshold`` identity and split the clusters by ``ratios``
-    (within each stratum when ``strata`` is given, e.g. 1 for proteins with coordinates)."""
+    (within each stratum when ``strata`` is given, e.g. 1 for proteins with coordinates).
+    ``search`` picks the pairs that are aligned (:data:`sepit.data.homology.SEARCH_MODES`)."""
     if len(keys) != len(sequences):
         raise ValueError(f"{len(keys)} keys but {len(sequences)} sequences")
     if strata is not None and len(strata) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(strata)} strata")
     if len(set(keys)) != len(keys):
         raise ValueError("protein keys must be unique")
-    pairs = candidate_pairs(sequences, prefilter)
-    identities = align_candidates(sequences, pairs, use_ray=use_ray)
-    uf = UnionFind(len(keys))
+    found = search_pairs(sequences, search, prefilter=prefilter, mmseqs=mmseqs, use_ray=use_ray,
+                         exhaustive_max_proteins=exhaustive_max_proteins)
+    pairs, identities = found.pairs, found.identities
     linked = identities >= threshold
-    for i, j in pairs[linked]:
-        uf.union(int(i), int(j))
-    roots = [uf.find(i) for i in range(len(keys))]
-    renumber: dict[int, int] = {}
-    cluster_of = [renumber.setdefault(r, len(renumber)) for r in roots]
-    split_of = assign_clusters(cluster_of, keys, ratios, seed, strata)
-    report = SplitReport(split_of, cluster_of, threshold, len(renumber), len(pairs), int(linked.sum()),
+    cluster_of = single_linkage(len(keys), pairs[linked])
+    split_of = assign_clusters(cluster_of.tolist(), keys, ratios, seed, strata)
+    report = SplitReport(split_of, cluster_of.tolist(), threshold, int(cluster_of.max(initial=-1)) + 1, len(pairs),
+                         int(linked.sum()), search=found.info(),
                          prefilter={"k": prefilter.k, "top_m": prefilter.top_m, "min_cosine": prefilter.min_cosine})
     if strata is not None:
         report.strata = {str(v): {s: sum(1 for k, x in enumerate(strata) if x == v and split_of[k] == s) for s in SPLITS}
                          for v in sorted(set(int(x) for x in strata))}
-    for a_i, a in enumerate(SPLITS):
-        for b in SPLITS[a_i + 1:]:
-            name = f"{a}-{b}"
-            best, best_pair, count = 0.0, [], 0
-            for (i, j), ident in zip(pairs, identities):
-                si, sj = split_of[i], split_of[j]
-                if {si, sj} == {a, b}:
-                    count += 1
-                    if ident > best:
-                        best, best_pair = float(ident), [keys[i], keys[j]]
-            report.max_cross_identity[name] = round(best, 4)
-            report.max_cross_pair[name] = best_pair
-            report.n_cross_pairs[name] = count
+    cross = cross_split_pairs(pairs, identities, split_of, keys)
+    for name, (best, best_pair, count) in cross.items():
+        report.max_cross_identity[name] = round(best, 4)
+        report.max_cross_pair[name] = best_pair
+        report.n_cross_pairs[name] = count
     return report
+
+
+def single_linkage(n: int, linked_pairs: np.ndarray) -> np.ndarray:
+    """Cluster index per item (int64 ``[n]``): connected components of the graph whose edges are
+    ``linked_pairs`` (``[m, 2]``), numbered by first appearance in item order."""
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    linked_pairs = np.asarray(linked_pairs, np.int64).reshape(-1, 2)
+    graph = sp.coo_matrix((np.ones(len(linked_pairs), np.int8), (linked_pairs[:, 0], linked_pairs[:, 1])), shape=(n, n))
+    _count, labels = connected_components(graph, directed=False)
+    # renumber: the component of item 0 is 0, the next new component met in item order is 1, ...
+    _uniq, first = np.unique(labels, return_index=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[labels]
+
+
+def cross_split_pairs(pairs: np.ndarray, identities: np.ndarray, split_of: Sequence[str],
+                      keys: Sequence[str]) -> dict[str, tuple[float, list[str], int]]:
+    """``"train-val"`` etc. -> (maximum identity over aligned pairs straddling those two splits,
+    that pair's keys (the first such pair in ``pairs`` order; [] when none is above 0), how many
+    aligned pairs straddle them)."""
+    code = {s: k for k, s in enumerate(SPLITS)}
+    split_idx = np.array([code[s] for s in split_of], np.int64)
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    si, sj = split_idx[pairs[:, 0]], split_idx[pairs[:, 1]]
+    lo, hi = np.minimum(si, sj), np.maximum(si, sj)
+    out: dict[str, tuple[float, list[str], int]] = {}
+    for a_i, a in enumerate(SPLITS):
+        for b_i in range(a_i + 1, len(SPLITS)):
+            rows = np.flatnonzero((lo == a_i) & (hi == b_i))
+            best, best_pair = 0.0, []
+            if len(rows):
+                top = rows[int(np.argmax(identities[rows]))]  # first pair reaching the maximum
+                if identities[top] > 0:
+                    best, best_pair = float(identities[top]), [keys[pairs[top, 0]], keys[pairs[top, 1]]]
+            out[f"{a}-{SPLITS[b_i]}"] = (best, best_pair, int(len(rows)))
+    return out
 
 
 def cross_split_violations(report: SplitReport) -> Optional[str]:
