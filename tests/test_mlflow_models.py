@@ -149,6 +149,17 @@ def test_init_accepts_a_registered_model(mlflow_server, registered, tmp_path):
     assert by_run.run_id == logged[0][0] and (Path(by_run.path) / "model.safetensors").is_file()
 
 
+def test_evaluate_takes_registered_models(mlflow_server, registered, tmp_path):
+    from sepit.evaluation.run import EvaluateConfig, localize_inputs, read_lineage, resolve_model_dir
+
+    name, _ = registered
+    cfg = localize_inputs(EvaluateConfig(model=f"models:/{name}@latest", compare_model=f"models:/{name}/1",
+                                         data=str(tmp_path), out=str(tmp_path / "eval"), tracking_uri=mlflow_server))
+    model_dir, compare_dir = resolve_model_dir(cfg.model), resolve_model_dir(cfg.compare_model)
+    assert model_dir != compare_dir and read_lineage(model_dir)["stage"] == "stage2"
+    assert (model_dir / "model.safetensors").read_bytes() == (compare_dir / "model.safetensors").read_bytes()
+
+
 def test_serve_replica_loads_the_model_from_its_alias(mlflow_server, registered, monkeypatch):
     """``sepit serve --model models:/NAME@latest``: the alias is pinned to a version once, and the
     replica (built here in-process, as Serve would) resolves that version on its node and answers."""
@@ -171,7 +182,7 @@ def test_serve_replica_loads_the_model_from_its_alias(mlflow_server, registered,
         runner.batcher.stop()
 
 
-def test_dataset_splits_are_run_inputs(tmp_path, monkeypatch):
+def test_dataset_splits_are_run_inputs(mlflow_server, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     from mlflow.tracking import MlflowClient
@@ -179,15 +190,14 @@ def test_dataset_splits_are_run_inputs(tmp_path, monkeypatch):
     from sepit.tracking.datasets import log_split_inputs
     from sepit.train.lineage import dataset_fingerprint
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = tmp_path / "data"
     for split, n in (("train", 5), ("val", 2)):
         (data / "stage2").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"id": [f"{split}{i}" for i in range(n)]}), data / "stage2" / f"{split}.parquet")
     fp = dataset_fingerprint(data, "stage2")
-    with start_run("stage2", out_dir=tmp_path, system_metrics=False) as run:
+    with start_run("stage2", tracking_uri=mlflow_server, system_metrics=False) as run:
         assert log_split_inputs(fp["dataset_dir"], fp["files"], {"train": 5, "val": 2}) == 2
-    inputs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run.info.run_id).inputs.dataset_inputs
+    inputs = MlflowClient(mlflow_server).get_run(run.info.run_id).inputs.dataset_inputs
     got = {}
     for di in inputs:
         tags = {t.key: t.value for t in di.tags}

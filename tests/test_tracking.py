@@ -1,4 +1,5 @@
 import mlflow
+import pytest
 
 from sepit.tracking import flatten, log_params, start_run
 
@@ -36,7 +37,13 @@ def test_a_store_used_earlier_in_the_process_does_not_capture_later_runs(tmp_pat
     assert resolve_tracking_uri(None, tmp_path / "b") == "http://127.0.0.1:5999"
 
 
-def test_parent_given_by_id_and_system_metrics(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the tests below (creating its tables costs ~1-2 s)."""
+    return tmp_path_factory.mktemp("store")
+
+
+def test_parent_given_by_id_and_system_metrics(store, monkeypatch):
     """A parent that is not the active run (a pipeline in another process) is recorded by MLflow
     itself from parent_run_id; system metrics are sampled while a run is open."""
     import time
@@ -44,29 +51,29 @@ def test_parent_given_by_id_and_system_metrics(tmp_path, monkeypatch):
     from mlflow.system_metrics import set_system_metrics_sampling_interval
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with start_run("pipeline", out_dir=tmp_path, system_metrics=False) as parent:
+    with start_run("pipeline", out_dir=store, system_metrics=False) as parent:
         pid = parent.info.run_id
     set_system_metrics_sampling_interval(0.2)
     try:
-        with start_run("stage1", out_dir=tmp_path, parent_run_id=pid, system_metrics=True) as child:
-            time.sleep(0.8)
+        with start_run("stage1", out_dir=store, parent_run_id=pid, system_metrics=True) as child:
+            time.sleep(0.5)  # > one sampling interval: the first sample is logged
             cid = child.info.run_id
     finally:
         set_system_metrics_sampling_interval(None)
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     run = client.get_run(cid)
     assert run.data.tags["mlflow.parentRunId"] == pid
     assert "system/cpu_utilization_percentage" in run.data.metrics
     assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
 
 
-def test_more_than_a_batch_of_params_and_async_step_metrics(tmp_path, monkeypatch):
+def test_more_than_a_batch_of_params_and_async_step_metrics(store, monkeypatch):
     from sepit.tracking import MetricBatch
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with start_run("stage0", out_dir=tmp_path, system_metrics=False) as run:
+    with start_run("stage0", out_dir=store, system_metrics=False) as run:
         log_params({"grid": {f"p{i}": i for i in range(250)}})  # MLflow sends 100 params per request
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{store / 'mlflow.db'}"
     sink = MetricBatch(uri, run.info.run_id)
     for step in range(1, 31):
         sink.add(step, {"loss": 1.0 / step, "lr": 1e-3})

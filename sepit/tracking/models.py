@@ -40,6 +40,8 @@ LATEST = "latest"
 #: Name of the MLflow Model inside a stage run (``runs:/RUN_ID/model``).
 MODEL_NAME = "model"
 MODEL_URI_PREFIXES = ("models:/", "runs:/")
+#: Name of the export folder among the MLflow Model's artifacts (``MLmodel`` records its path).
+FOLDER_ARTIFACT = "sepit_model"
 
 
 class ModelURIError(FileNotFoundError, ValueError):
@@ -125,13 +127,13 @@ def log_model(model_dir: str | Path, *, registered_name: str | None, alias: str 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .pyfunc import FOLDER_ARTIFACT, SepitPyfuncModel, model_type, signature_for
-
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_model needs an active MLflow run (sepit.tracking.start_run)")
     t0 = time.perf_counter()
     with _quiet(), tempfile.TemporaryDirectory(prefix="sepit-mlflow-model-") as tmp:
+        from .pyfunc import SepitPyfuncModel, model_type, signature_for  # MLflow comments on the class at import
+
         local = Path(tmp) / MODEL_NAME
         mlflow.pyfunc.save_model(
             path=str(local), python_model=SepitPyfuncModel(), artifacts={FOLDER_ARTIFACT: str(model_dir)},
@@ -225,8 +227,6 @@ def sepit_folder(root: str | Path) -> Path:
     """The export folder inside a downloaded MLflow Model (its ``MLmodel`` records where), or
     ``root`` itself when it is a plain folder (a run artifact logged before models were)."""
     import yaml
-
-    from .pyfunc import FOLDER_ARTIFACT
 
     root = Path(root)
     mlmodel = root / "MLmodel"

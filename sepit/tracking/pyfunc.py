@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 import mlflow.pyfunc
 
-#: Name of the export folder among the MLflow Model's artifacts (``MLmodel`` records its path).
-FOLDER_ARTIFACT = "sepit_model"
+from sepit.tracking.models import FOLDER_ARTIFACT
+
 SEPIT_LM = "sepit"
 PROTEIN_ENCODER = "sepit_protein_encoder"
 DEFAULT_MAX_NEW_TOKENS = 64
