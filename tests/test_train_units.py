@@ -1,4 +1,4 @@
-"""Fast checks of the training infrastructure's pieces (no Ray, no DeepSpeed engine)."""
+"""Fast checks of the training infrastructure's pieces (no Ray; one small DeepSpeed engine)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sepit.config.base import ConfigError, from_dict
+from sepit.config.base import ConfigError, from_dict, to_dict
 from sepit.train.config import TrainConfig
 from sepit.train.data import bucketed_batches, shuffled
 from sepit.train.deepspeed_config import build_deepspeed_config, check_zero_for_moe
@@ -74,6 +74,106 @@ def test_deepspeed_config_and_moe_zero3_refusal():
     with pytest.raises(ConfigError, match="ZeRO-3"):
         build_deepspeed_config(TrainConfig(zero_stage=3), precision="fp32", moe=True)
     check_zero_for_moe(2)
+
+
+# --------------------------------------------------------------------------- train.deepspeed passthrough
+def test_user_deepspeed_config_merges_over_the_generated_one(tmp_path):
+    user = {
+        "zero_optimization": {"stage": "auto", "reduce_bucket_size": 1000, "overlap_comm": True},
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+        "fp16": {"loss_scale_window": 100}, "communication_data_type": "fp32",
+    }
+    cfg = TrainConfig(zero_stage=2, micro_batch_size=3, grad_accum_steps=2, num_workers=2, deepspeed=user)
+    ds = build_deepspeed_config(cfg, precision="fp32")
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 2 and zero["reduce_bucket_size"] == 1000 and zero["overlap_comm"] is True
+    assert zero["allgather_bucket_size"] == int(5e7)  # generated keys the user left alone stay
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["train_batch_size"] == 3 * 2 * 2
+    assert ds["fp16"] == {"enabled": False, "initial_scale_power": 16, "loss_scale_window": 100}
+    assert ds["communication_data_type"] == "fp32"
+    assert "train_batch_size" not in build_deepspeed_config(TrainConfig(), precision="fp32")
+    # A JSON file is read once, when the config is built; the saved config holds its contents.
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    from_file = from_dict(TrainConfig, {"zero_stage": 2, "micro_batch_size": 3, "grad_accum_steps": 2,
+                                        "num_workers": 2, "deepspeed": str(path)})
+    path.unlink()
+    assert from_file.deepspeed == user and build_deepspeed_config(from_file, precision="fp32") == ds
+    assert from_dict(TrainConfig, to_dict(from_file)) == from_file
+    assert from_dict(TrainConfig, {"deepspeed": None}).deepspeed is None
+
+
+@pytest.mark.parametrize("user, match", [
+    ({"train_micro_batch_size_per_gpu": 8},
+     r"train\.deepspeed\.train_micro_batch_size_per_gpu=8 disagrees with train\.micro_batch_size=4"),
+    ({"gradient_accumulation_steps": 4}, r"train\.deepspeed\.gradient_accumulation_steps=4 .*train\.grad_accum_steps=1"),
+    ({"zero_optimization": {"stage": 3}}, r"train\.deepspeed\.zero_optimization\.stage=3 disagrees with train\.zero_stage=0"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+     r"train\.deepspeed\.zero_optimization\.offload_optimizer\.device='cpu' .*train\.offload_optimizer=False"),
+    ({"gradient_clipping": 5.0}, r"train\.deepspeed\.gradient_clipping=5\.0 .*train\.grad_clip=1\.0"),
+    ({"bf16": {"enabled": True}}, r"train\.deepspeed\.bf16\.enabled=True .*train\.precision='fp32'"),
+    ({"train_batch_size": 16}, r"train\.deepspeed\.train_batch_size=16 but .*\(4\) x .*\(1\) x .*\(2, train\.num_workers\) = 8"),
+    ({"optimizer": {"type": "Adam"}}, r"train\.deepspeed\.optimizer is not accepted: .*train\.lr"),
+    ({"scheduler": {"type": "WarmupLR"}}, r"train\.deepspeed\.scheduler is not accepted"),
+    ({"zero_optimization": 2}, r"train\.deepspeed\.zero_optimization: expected a mapping"),
+    ({"flops_profiler": "auto"}, r"train\.deepspeed\.flops_profiler='auto': sepit fills 'auto' only"),
+    ({"zero_allow_untested_optimizer": False}, r"train\.deepspeed\.zero_allow_untested_optimizer=False: must be True"),
+    ("/nonexistent/ds.json", r"train\.deepspeed='/nonexistent/ds\.json': no such file"),
+    (3, r"train\.deepspeed: expected a mapping or the path of a DeepSpeed JSON file, got int"),
+])
+def test_user_deepspeed_config_refusals_name_the_key(user, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(num_workers=2, precision="fp32", deepspeed=user)
+
+
+def test_user_deepspeed_file_errors_and_checks_on_the_merged_result(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable JSON file"):
+        TrainConfig(deepspeed=str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object, got list"):
+        TrainConfig(deepspeed=str(bad))
+    # precision=auto is resolved on the worker: checked when the worker builds the config.
+    cfg = TrainConfig(deepspeed={"bf16": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"bf16\.enabled=True .*train\.precision='auto' \(resolved to fp32\)"):
+        build_deepspeed_config(cfg, precision="fp32")
+    assert build_deepspeed_config(cfg, precision="bf16")["bf16"]["enabled"] is True
+    # A config changed after it was built (a sweep's trial) is checked again: MoE under ZeRO-3,
+    # named by the key the stage came from, and the batch arithmetic over the real world size.
+    cfg = TrainConfig(zero_stage=2)
+    cfg.deepspeed = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError, match=r"train\.deepspeed\.zero_optimization\.stage=3: stage 2 trains DeepSpeed MoE"):
+        build_deepspeed_config(cfg, precision="fp32", moe=True)
+    cfg.deepspeed = {"train_batch_size": 4}
+    build_deepspeed_config(cfg, precision="fp32", world_size=1)
+    with pytest.raises(ConfigError, match=r"train_batch_size=4 but .* = 12"):
+        build_deepspeed_config(cfg, precision="fp32", world_size=3)
+    from sepit.train.stage2 import Stage2JobConfig
+
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        from_dict(Stage2JobConfig, {"train": {"zero_stage": 3, "deepspeed": {"zero_optimization": {"stage": 3}}}})
+
+
+def test_deepspeed_engine_takes_the_merged_config(process_group):
+    """A real deepspeed.initialize (ZeRO-1, gloo, torch AdamW) on the merged config: the user's
+    bucket size and the platform's batch arithmetic are what the engine runs with."""
+    import deepspeed
+    import torch
+
+    cfg = TrainConfig(zero_stage=1, micro_batch_size=2, grad_accum_steps=3, num_workers=1, precision="fp32",
+                      deepspeed={"zero_optimization": {"reduce_bucket_size": 12345, "overlap_comm": False},
+                                 "train_batch_size": 6})
+    ds = build_deepspeed_config(cfg, precision="fp32", world_size=process_group.get_world_size())
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds)
+    assert engine.zero_optimization_stage() == 1 and engine.zero_reduce_bucket_size() == 12345
+    assert engine.train_batch_size() == 6 and engine.gradient_accumulation_steps() == 3
+    for _ in range(3):  # one optimizer step = 3 micro-batches of 2
+        engine.backward(engine(torch.ones(2, 4)).sum())
+        engine.step()
+    assert engine.global_steps == 1
 
 
 def test_step_log_keeps_last_value_per_step(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from sepit.config.base import ConfigError, check_range
 
@@ -38,6 +38,14 @@ class TrainConfig:
     """ZeRO optimizer-state offload to CPU (needs ZeRO >= 1; compiles DeepSpeed's CPU Adam)."""
     ray_address: Optional[str] = None
     """Ray cluster to join; default ``RAY_ADDRESS`` or a local Ray on loopback."""
+    deepspeed: Optional[Any] = None
+    """Your own DeepSpeed config merged over the generated one: a mapping, or the path of a JSON
+    file (read when this config is built, so the run's saved config holds its contents).  Keys
+    sepit derives from the fields here must agree with them or be ``"auto"`` (micro batch,
+    accumulation, ZeRO stage, optimizer offload, clipping, precision); ``optimizer`` and
+    ``scheduler`` are refused; the rest passes through (bucket sizes, ``overlap_comm``,
+    ``stage3_*``, ...).  See :mod:`sepit.train.deepspeed_config`.  (Typed ``Any`` for the config
+    loader, which takes one type besides null; the check is in ``__post_init__``.)"""
 
     # ------------------------------------------------------------------ optimisation
     micro_batch_size: int = 4
@@ -99,6 +107,9 @@ class TrainConfig:
     """MLflow experiment name."""
     parent_run_id: Optional[str] = None
     """MLflow run to nest this stage's run under (the pipeline run)."""
+    registered_model: Optional[str] = None
+    """MLflow registered model the export becomes a new version of (alias ``@newest`` moves to
+    it); default ``sepit-<stage>``; "" logs the MLflow Model without registering it."""
 
     def __post_init__(self) -> None:
         check_range(self.num_workers, "train.num_workers", lo=1)
@@ -131,6 +142,11 @@ class TrainConfig:
             raise ConfigError("train.precision=fp16 is not supported on CPU; use fp32 (or bf16 on GPU)")
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"train.run_name={self.run_name!r} must be a non-empty name without '/'")
+        if self.deepspeed is not None:
+            from .deepspeed_config import check_user_deepspeed, read_user_deepspeed
+
+            self.deepspeed = read_user_deepspeed(self.deepspeed)  # a path is read once, here
+            check_user_deepspeed(self)
 
     # ------------------------------------------------------------------ derived paths
     @property
