@@ -20,6 +20,9 @@ Edges: ``mode="radius"`` links residues closer than ``cutoff`` Å (both directio
 of each i; ties broken by sequence position).  Only distances enter, so the graph is invariant to
 rotations and translations of the coordinates.  Pure torch (no torch-cluster): distances are
 computed in row blocks so memory stays O(block · N).
+
+torch-geometric is the optional extra ``sepit[graph]``: the encoder builds its own radius/kNN
+neighbourhoods in pure torch (``EncoderConfig.structure_graph``), so no stage imports this module.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch_geometric.data import Batch, Data
+
+try:
+    from torch_geometric.data import Batch, Data
+except ImportError as exc:  # the optional extra: no training stage needs residue graphs
+    raise ImportError(
+        "sepit.structure.graph builds torch-geometric graphs and needs the optional extra: "
+        "pip install 'sepit[graph]' (torch-geometric)"
+    ) from exc
 
 from sepit.structure.record import AMINO_ACIDS, ProteinRecord
 
