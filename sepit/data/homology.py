@@ -27,9 +27,10 @@ from sepit.data.identity import PrefilterParams, all_pairs, candidate_pairs, exh
 from sepit.data.mmseqs import INSTALL_HINT, MmseqsParams, find_mmseqs, mmseqs_hit_pairs
 
 SEARCH_MODES = ("auto", "exhaustive", "prefilter", "mmseqs")
-#: ``auto`` aligns every pair up to this many proteins: 1500 proteins are 1.12 M pairs, about
-#: 3 minutes on one core of the 2-core reference box (measured ~6,000 pairs/s on the bundled
-#: proteins, evals/results/homology_recall.json); beyond it the cost grows with n^2.
+#: ``auto`` aligns every pair up to this many proteins: 300 proteins are 44,850 pairs, ~17 s on one
+#: core of the 2-core box at the ~2,600 pairs/s measured on bundled proteins (quiet box); cost grows
+#: with n^2 (1,500 proteins: ~7 min quiet, 26 min measured on the loaded box,
+#: evals/results/homology_recall.json).  The test suite's builds above 300 proteins keep their cost.
 EXHAUSTIVE_MAX_PROTEINS = 300
 
 
