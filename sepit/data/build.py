@@ -40,6 +40,7 @@ from sepit.data.examples import (
     Example, ProteinEntry, annotation_examples, check_text, finalize_protein_ids, label_pools, qa_example,
     resolve_protein, sha1,
 )
+from sepit.data.homology import EXHAUSTIVE_MAX_PROTEINS, SEARCH_MODES
 from sepit.data.identity import PrefilterParams
 from sepit.data.instruction_schema import INSTRUCTION_SCHEMA, SKIPPED_SCHEMA, STAGES, stage_split_path
 from sepit.data.protein_join import StoreIndex
@@ -94,6 +95,12 @@ class BuildConfig:
     """auto | local | ray: where the identity alignments run."""
     ray_min_proteins: int = 2000
     """With executor=auto, Ray Data aligns when there are at least this many proteins."""
+    homology: str = "auto"
+    """auto | exhaustive | prefilter | mmseqs: which protein pairs are aligned for the splits
+    (sepit/data/homology.py); auto = every pair up to ``exhaustive_max_proteins`` proteins, else
+    MMseqs2's hits when ``mmseqs`` is installed, else the k-mer prefilter (with a warning)."""
+    exhaustive_max_proteins: int = EXHAUSTIVE_MAX_PROTEINS
+    """With homology=auto, every pair is aligned up to this many proteins (quadratic cost)."""
 
     def __post_init__(self) -> None:
         check_range(self.identity_threshold, "identity_threshold", 0.0, 1.0, lo_inclusive=False)
@@ -113,6 +120,8 @@ class BuildConfig:
         check_range(self.prefilter_k, "prefilter_k", 2, 6)
         check_range(self.prefilter_top_m, "prefilter_top_m", 0)
         check_range(self.prefilter_min_cosine, "prefilter_min_cosine", 0.0, 1.0, lo_inclusive=False)
+        check_choice(self.homology, "homology", SEARCH_MODES)
+        check_range(self.exhaustive_max_proteins, "exhaustive_max_proteins", 0)
 
 
 def _check_out(out: Path) -> None:
@@ -232,7 +241,8 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     # proportion, so the test split can measure what structure adds (whole clusters still).
     strata = [int(proteins[k].has_structure) for k in keys] if config.stratify_structure else None
     report = homology_split(keys, [proteins[k].sequence for k in keys], config.identity_threshold,
-                            config.split_ratios, config.seed, prefilter, use_ray=use_ray, strata=strata)
+                            config.split_ratios, config.seed, prefilter, use_ray=use_ray, strata=strata,
+                            search=config.homology, exhaustive_max_proteins=config.exhaustive_max_proteins)
     violation = cross_split_violations(report)
     if violation:
         raise BuildError(violation)
