@@ -332,7 +332,10 @@ class SepitForConditionalGeneration(nn.Module):
     def apply_lora(self, r: int = 8, alpha: int = 16, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
                    dropout: float = 0.05) -> None:
         """Wrap the LLM with peft LoRA adapters (the LLM's base weights become frozen)."""
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as exc:  # the optional extra: no training stage uses LoRA
+            raise ImportError("apply_lora needs the optional extra: pip install 'sepit[lora]' (peft)") from exc
 
         self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                        target_modules=list(target_modules)))
