@@ -12,6 +12,8 @@ from pathlib import Path
 # One intra-op thread per process: CI has 2 cores shared by the test process, Ray workers and
 # DeepSpeed ranks; more threads only oversubscribe them (measured: tiny steps 5x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray exports metrics every 10 s by default; the Serve metrics test scrapes them after a load.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 from sepit.ray_runtime import set_local_defaults  # noqa: E402
 
@@ -76,6 +78,49 @@ def process_group():
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (tracking + model registry + proxied artifacts) on a free loopback
+    port with a sqlite store, for the whole session; yields its URI."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        try:
+            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.25)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)  # the server runs in its own process group (its workers too)
+    try:
+        proc.wait(timeout=3)  # a throw-away store: no need to wait out a graceful shutdown
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+
+
 # --------------------------------------------------------------------------- shared slow fixtures
 # The expensive things are made once per session and shared: the tiny pipeline (README command 1
 # on the tiny preset: store, dataset, stages 0-2, evaluation), a `ray start --head` node for the
@@ -133,25 +178,47 @@ def ray_head_node(tmp_path_factory):
         yield head
 
 
-# Session fixtures made once per worker; the modules that use one share an xdist group (the first
-# listed that a module uses), so under `pytest -n 2` each is made by one worker only.
+# Under `pytest -n 2` (xdist) every worker is its own session: a session fixture is made once per
+# worker that needs it. So the modules using one of the expensive fixtures run on one worker, as
+# one scheduling unit (below); every other module is a unit of its own (its module fixtures are
+# made once). The units are handed out longest first: the tiny-pipeline unit (pipeline -> stage
+# job -> sweeps) at once, then modules holding slow tests, then the rest.
+MODULE_GROUPS = {
+    "test_pipeline.py": "tiny_pipeline", "test_train_stages.py": "tiny_pipeline", "test_sweep.py": "tiny_pipeline",
+    "test_preprocess_job_submit.py": "tiny_pipeline",
+    "test_train_fault_tolerance.py": "mlflow_server", "test_mlflow_models.py": "mlflow_server",
+}
 SHARED_FIXTURES = {"tiny_pipeline": "tiny_pipeline", "ray_head_node": "tiny_pipeline", "mlflow_server": "mlflow_server"}
 
 
-def pytest_collection_modifyitems(config, items):
-    """xdist groups (`--dist loadgroup --no-loadscope-reorder`): a module's tests stay on one
-    worker (its module fixtures are made once) and modules that use the same expensive session
-    fixture share a group. Longest first: the tiny-pipeline group (pipeline -> stage job ->
-    sweeps) starts at once, then the groups holding slow tests, then the rest."""
-    def module(item) -> str:
-        return item.module.__name__.rsplit(".", 1)[-1]
+def _module_file(item_or_nodeid) -> str:
+    nodeid = getattr(item_or_nodeid, "nodeid", item_or_nodeid)
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
 
-    group: dict[str, str] = {}
+
+def pytest_collection_modifyitems(config, items):
+    """Check every module using a shared fixture is in its group (a new one must be added to
+    ``MODULE_GROUPS``, or it would make the fixture again on another worker), and order the
+    tests longest unit first."""
     for item in items:
-        for fixture, shared in SHARED_FIXTURES.items():
-            if fixture in item.fixturenames and group.get(module(item), shared) == shared:
-                group[module(item)] = shared
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group.get(module(item), module(item))))
-    slow = {module(item) for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: (group.get(module(item)) != "tiny_pipeline", module(item) not in slow))
+        for fixture, group in SHARED_FIXTURES.items():
+            if fixture in item.fixturenames and MODULE_GROUPS.get(_module_file(item)) not in (group, "tiny_pipeline"):
+                raise pytest.UsageError(f"{_module_file(item)} uses the session fixture {fixture!r}: add it to "
+                                        f"MODULE_GROUPS in tests/conftest.py as {group!r}")
+    slow = {_module_file(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (MODULE_GROUPS.get(_module_file(item)) != "tiny_pipeline", _module_file(item) not in slow))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduler by scope (a unit stays on one worker), with the scopes above; units in
+    collection order (longest first), not reordered by test count."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module_file(nodeid)
+            return MODULE_GROUPS.get(module, module)
+
+    config.option.loadscopereorder = False
+    return SharedFixtureScheduling(config, log)

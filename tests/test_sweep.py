@@ -106,7 +106,7 @@ def test_validation_rejects_asha_without_intermediate_validation(tmp_path):
 def test_validation_rejects_missing_dataset_and_bad_init(tmp_path):
     with pytest.raises(ConfigError, match=r"stage2\.data\.dataset_dir: .*stage2/train\.parquet does not exist"):
         validate_sweep(_cfg(tmp_path))
-    with pytest.raises(ConfigError, match="stage2.init: .* neither an existing folder nor an MLflow run id"):
+    with pytest.raises(ConfigError, match="stage2.init: .* is neither an existing folder, an MLflow model URI .* nor an MLflow run id"):
         resolve_inputs(_cfg(tmp_path), None)
     not_a_model = tmp_path / "stage1"
     not_a_model.mkdir()

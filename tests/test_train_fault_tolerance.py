@@ -14,9 +14,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,12 +52,6 @@ def toy_config(out: Path, **kw) -> ToyStageConfig:
     return ToyStageConfig(TrainConfig(**base))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_step(log: Path, step: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -85,39 +77,6 @@ def assert_same_trajectory(log: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
     return train_support.write_sequence_dataset(tmp_path_factory.mktemp("toy_data"))
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on a free loopback port with a sqlite store."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    exe = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)  # the server runs in its own process group (its workers too)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")

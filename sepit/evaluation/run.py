@@ -30,7 +30,8 @@ BASELINES = ("majority", "nearest_neighbour", "constant")
 @dataclass
 class EvaluateConfig:
     model: str = ""
-    """Model folder written by SepitForConditionalGeneration.save_pretrained (or a stage output folder holding model/)."""
+    """Model folder written by SepitForConditionalGeneration.save_pretrained (or a stage output folder holding model/),
+    or a registered MLflow model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model."""
     data: str = ""
     """Dataset folder, stage folder, Parquet split, or QA / reference JSONL."""
     out: str = ""
@@ -120,6 +121,10 @@ def localize_inputs(cfg: EvaluateConfig) -> EvaluateConfig:
         return str(localize_dir(loc))
 
     changes = {k: model(getattr(cfg, k)) for k in ("model", "compare_model") if is_remote(getattr(cfg, k))}
+    from sepit.tracking.models import is_model_uri, localize_model  # models:/NAME@ALIAS, runs:/ID/model
+
+    changes.update({k: str(localize_model(getattr(cfg, k), tracking_uri=cfg.tracking_uri))
+                    for k in ("model", "compare_model") if is_model_uri(getattr(cfg, k))})
     if is_remote(cfg.train_data):
         changes["train_data"] = str(localize_file(cfg.train_data))
     if is_remote(cfg.data):

@@ -19,6 +19,7 @@ import argparse
 import signal
 import sys
 import threading
+from dataclasses import replace
 from typing import Any, Optional
 
 from sepit.config.base import ConfigError, from_dict, load_config, load_yaml, merge
@@ -84,7 +85,8 @@ def app_builder(args: dict):
 
 # --------------------------------------------------------------------------- the command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="DIR", help="exported model folder (ServeConfig.model_dir)")
+    parser.add_argument("--model", metavar="DIR", help="exported model folder (ServeConfig.model_dir); also s3://..., "
+                        "models:/NAME@ALIAS or runs:/RUN_ID/model (from MLFLOW_TRACKING_URI)")
     parser.add_argument("--config", metavar="YAML", help="ServeConfig YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set limits.max_questions=4 (repeatable)")
@@ -96,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-env", help="environment variable holding the API key (default SEPIT_API_KEY)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a new local Ray)")
     parser.add_argument("--num-cpus", type=int, help="logical CPUs of a new local Ray")
+    parser.add_argument("--log-dir", default="runs/serve",
+                        help="Ray Serve and replica output goes to LOG_DIR/logs/ (default runs/serve; --verbose shows it)")
     parser.add_argument("--detach", action="store_true",
                         help="deploy and return (only with an existing cluster; the app keeps running there)")
 
@@ -148,9 +152,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = cli_config(args).require_model_dir()
-        from sepit.storage import localize_dir
+        from sepit.tracking.models import is_model_uri, localize_model, pin_model_uri
 
-        check_model_folder(str(localize_dir(config.model_dir)))  # an s3:// model is fetched (and cached) here too
+        if is_model_uri(config.model_dir):  # models:/NAME@ALIAS -> one version for every replica
+            config = replace(config, model_dir=pin_model_uri(config.model_dir), model_name=config.served_model_name)
+        check_model_folder(str(localize_model(config.model_dir)))  # an s3:// / MLflow model is fetched (and cached) here too
     except ValueError as exc:  # ConfigError and ModelFolderError are ValueErrors
         print(f"sepit serve: {exc}", file=sys.stderr)
         return 2
@@ -159,24 +165,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"sepit serve: WARNING: listening on {config.host} without an API key "
               f"(set {config.api_key_env} to require one)", file=sys.stderr)
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
-    url = deploy(config, address=args.address, num_cpus=args.num_cpus)
-    print(f"sepit serve: model {config.served_model_name!r} ready at {url} (docs: {url.rstrip('/')}/docs, "
-          f"auth {'on' if auth_on else 'off'})", flush=True)
-    if args.detach and joined:
-        return 0
-    if args.detach:
-        print("sepit serve: --detach needs an existing cluster (--address); serving in the foreground",
-              file=sys.stderr)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
+    from sepit.console import capture_logs
+
+    with capture_logs(args.log_dir) as logs:  # Ray Serve's and the replicas' output -> <log-dir>/logs/
+        url = deploy(config, address=args.address, num_cpus=args.num_cpus)
+        print(f"sepit serve: model {config.served_model_name!r} ready at {url} (docs: {url.rstrip('/')}/docs, "
+              f"auth {'on' if auth_on else 'off'}; Ray Serve logs: {logs})", flush=True)
+        if args.detach and joined:
+            return 0
+        if args.detach:
+            print("sepit serve: --detach needs an existing cluster (--address); serving in the foreground",
+                  file=sys.stderr)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
             pass
-    except KeyboardInterrupt:
-        pass
-    if joined:
-        serve.delete(config.app_name)  # leave the cluster as we found it
-    else:
-        ray.shutdown()  # stops the local Ray (and Serve with it) that deploy() started
+        if joined:
+            serve.delete(config.app_name)  # leave the cluster as we found it
+        else:
+            ray.shutdown()  # stops the local Ray (and Serve with it) that deploy() started
     print("sepit serve: stopped", flush=True)
     return 0

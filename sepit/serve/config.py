@@ -212,6 +212,8 @@ class ServeConfig:
             raise ConfigError("model_dir is required: the exported model folder to serve (--model DIR)")
         from sepit.storage import is_remote
 
-        if not is_remote(self.model_dir) and not Path(self.model_dir).is_dir():
+        from sepit.tracking.models import is_model_uri
+
+        if not is_remote(self.model_dir) and not is_model_uri(self.model_dir) and not Path(self.model_dir).is_dir():
             raise ConfigError(f"model_dir={self.model_dir!r} is not a folder")
         return self

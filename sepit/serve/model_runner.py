@@ -56,9 +56,9 @@ def load_exported_model(model_dir: str, device: str):
     from sepit.models.sepit_lm import SepitForConditionalGeneration
 
     try:
-        from sepit.storage import localize_dir
+        from sepit.tracking.models import localize_model  # also models:/NAME/VERSION, runs:/ID/model
 
-        model_dir = str(localize_dir(model_dir))
+        model_dir = str(localize_model(model_dir))
         model = SepitForConditionalGeneration.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001 - any failure here means "this folder is unusable"
         raise ModelLoadError(f"cannot load the SEPIT model in {model_dir}: {type(exc).__name__}: {exc}") from exc

@@ -4,7 +4,9 @@
 stage's MLflow run (resuming the run recorded in the output folder when the folder is reused),
 runs a ``TorchTrainer`` whose workers execute :func:`sepit.train.loop.train_worker`, then copies
 the final checkpoint's exported model to ``<output_dir>/model`` with ``lineage.json`` and the
-run config, and logs config, lineage, loss curve and the model folder to MLflow.
+run config, and logs config, lineage, loss curve, the dataset splits (as run inputs) and the
+model folder to MLflow, the latter as an MLflow Model registered as a new version of
+``sepit-<stage>`` (:mod:`sepit.tracking.models`).
 
 Resuming: Ray Train keeps a run snapshot in ``<output_dir>/ray_results/<run_name>``; a second
 ``fit()`` with the same storage path and name restarts from its latest checkpoint (ours holds
@@ -35,7 +37,7 @@ from .checkpoint import EXPORT_SUBDIR
 from .config import TrainConfig
 from .curves import plot_loss_curve
 from .data import EmptySplitError, data_config, training_datasets
-from .lineage import MODEL_ARTIFACT, ParentRef, build_lineage, dataset_fingerprint, write_lineage
+from .lineage import ParentRef, build_lineage, dataset_fingerprint, write_lineage
 from .step_log import read_step_log
 from .task import TrainTask
 
@@ -57,12 +59,14 @@ class TrainingOutcome:
     metrics: dict[str, float]
     checkpoint: str | None
     lineage: dict[str, Any] = field(default_factory=dict)
+    registered_model: str | None = None
+    """``models:/NAME/VERSION`` of the export in the MLflow registry (None when not registered)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The ``run_stageN`` return value: output_dir, model_dir, mlflow_run_id, metrics, ..."""
         return {"output_dir": str(self.output_dir), "model_dir": str(self.model_dir),
                 "mlflow_run_id": self.mlflow_run_id, "tracking_uri": self.tracking_uri,
-                "metrics": self.metrics, "checkpoint": self.checkpoint}
+                "metrics": self.metrics, "checkpoint": self.checkpoint, "registered_model": self.registered_model}
 
 
 def ensure_ray(cfg: TrainConfig) -> None:
@@ -253,6 +257,8 @@ def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path,
     from sepit.console import rerouted
     from sepit.storage import download_dir, is_remote, location_of, resolve
     from sepit.tracking import log_dict_artifact, resolve_tracking_uri, start_run
+    from sepit.tracking.datasets import log_split_inputs
+    from sepit.tracking.models import default_registered_name, log_model
 
     from .step_log import training_progress
 
@@ -284,6 +290,7 @@ def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path,
                                        "data.rows": counts, "data.files": data_fp["files"]})
         if previous:
             mlflow.set_tag("sepit.resumed", "true")
+        log_split_inputs(data_fp["dataset_dir"], data_fp["files"], counts)
         try:
             with training_progress(f"{task.stage}", cfg.max_steps) as progress:
                 trainer = _trainer(task, cfg, datasets, counts, {"tracking_uri": uri, "run_id": run_id}, progress)
@@ -313,9 +320,13 @@ def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path,
         png = plot_loss_curve(cfg.train_log, out / "loss_curve.png", f"{task.stage}: {cfg.run_name}")
         if png:
             mlflow.log_artifact(str(png))
-        mlflow.log_artifacts(str(model_dir), MODEL_ARTIFACT)
+        logged = log_model(model_dir, registered_name=default_registered_name(task.stage)
+                           if cfg.registered_model is None else cfg.registered_model,
+                           metadata={"sepit_stage": task.stage})
+        mlflow.set_tags({"sepit.model_uri": logged.model_uri, "sepit.registered_model": logged.version_uri or "none"})
         published = _publish_outputs(cfg)
     remote = is_remote(cfg.output_dir)
     return TrainingOutcome(output_dir=resolve(cfg.output_dir).uri if remote else out,
                            model_dir=published if remote else model_dir, mlflow_run_id=run_id, tracking_uri=uri,
-                           metrics=metrics, checkpoint=ckpt_loc.uri, lineage=lineage)
+                           metrics=metrics, checkpoint=ckpt_loc.uri, lineage=lineage,
+                           registered_model=logged.version_uri)

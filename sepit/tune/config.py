@@ -144,8 +144,10 @@ def trial_stage_dict(cfg: SweepConfig, params: dict[str, Any], *, output_dir: st
                      tracking_uri: str | None, parent_run_id: str | None) -> dict[str, Any]:
     """The stage-2 config dict of one trial: shared section <- trial values <- sweep-owned paths."""
     data = merge(cfg.stage2_dict(), stage_overrides(params))
+    # Trials are candidates, not releases: none is registered in the MLflow model registry (each
+    # would move the stage's alias); the best trial's folder is in best.json.
     owned = {"output_dir": output_dir, "run_name": run_name, "tracking_uri": tracking_uri,
-             "parent_run_id": parent_run_id, "ray_address": None}
+             "parent_run_id": parent_run_id, "ray_address": None, "registered_model": ""}
     return merge(data, {"train": owned})
 
 
