@@ -12,8 +12,6 @@ from pathlib import Path
 # One intra-op thread per process: CI has 2 cores shared by the test process, Ray workers and
 # DeepSpeed ranks; more threads only oversubscribe them (measured: tiny steps 5x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Ray exports metrics every 10 s by default; the Serve metrics test scrapes them after a load.
-os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 from sepit.ray_runtime import set_local_defaults  # noqa: E402
 
@@ -56,9 +54,12 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def process_group():
-    """A one-process gloo group, as DeepSpeed's engine would set up (MoE layers need expert groups)."""
+    """A one-process gloo group, as DeepSpeed's engine would set up (MoE layers need expert groups).
+
+    One per session: DeepSpeed caches the groups it made (expert groups, its comm backend), so a
+    group destroyed and made again in the same process leaves it pointing at a dead one."""
     import socket
 
     import deepspeed
@@ -99,6 +100,8 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(
         [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
+        # no GenAI job runner (its Huey consumers are a dozen processes sepit never uses)
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
@@ -185,7 +188,6 @@ def ray_head_node(tmp_path_factory):
 # job -> sweeps) at once, then modules holding slow tests, then the rest.
 MODULE_GROUPS = {
     "test_pipeline.py": "tiny_pipeline", "test_train_stages.py": "tiny_pipeline", "test_sweep.py": "tiny_pipeline",
-    "test_preprocess_job_submit.py": "tiny_pipeline",
     "test_train_fault_tolerance.py": "mlflow_server", "test_mlflow_models.py": "mlflow_server",
 }
 SHARED_FIXTURES = {"tiny_pipeline": "tiny_pipeline", "ray_head_node": "tiny_pipeline", "mlflow_server": "mlflow_server"}

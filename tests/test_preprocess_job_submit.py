@@ -1,5 +1,6 @@
 """`ray job submit --working-dir . -- python jobs/preprocess.py ...` against a real local head node
-(the session's ``ray_head_node``, see conftest.py and ``ray_head.py``)."""
+(a head node of its own, started and stopped by this test, see ``ray_head.py``: so it can run on the
+other xdist worker than the tiny-pipeline tests, which share the session head node)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,21 @@ import pytest
 from sepit.structure import parse_file
 from sepit.structure.store import ProteinStore
 
-from ray_head import RAY_CLI
+from ray_head import RAY_CLI, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 INPUTS = ["sepit/resources/data/biotite_testdata", "sepit/resources/data/esm_examples"]
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_preprocess_on_a_local_head_node(ray_head_node, tmp_path):
+def test_ray_job_submit_runs_preprocess_on_a_local_head_node(tmp_path):
     out = tmp_path / "store"
-    job = subprocess.run(
-        [RAY_CLI, "job", "submit", "--address", ray_head_node.address, "--working-dir", str(REPO), "--",
-         "python", "jobs/preprocess.py", *INPUTS, "--out", str(out), "--workers", "2", "--summary"],
-        env=ray_head_node.env, cwd=REPO, capture_output=True, text=True, timeout=400,
-    )
+    with ray_head(tmp_path / "head.log", num_cpus=2, object_store_bytes=100_000_000) as head:
+        job = subprocess.run(
+            [RAY_CLI, "job", "submit", "--address", head.address, "--working-dir", str(REPO), "--",
+             "python", "jobs/preprocess.py", *INPUTS, "--out", str(out), "--workers", "2", "--summary"],
+            env=head.env, cwd=REPO, capture_output=True, text=True, timeout=400,
+        )
     output = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in output, output[-4000:]
     assert "Started a local Ray instance" not in output  # the job joined the head node

@@ -19,7 +19,7 @@ def _first_commands() -> list[str]:
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     main_job, tests = _first_commands()
     assert main_job.endswith("sepit pipeline --preset small")
-    assert tests.endswith("python -m pytest -q")
+    assert tests.endswith("python -m pytest -q -n 2")  # 2 xdist workers (tests/conftest.py schedules them)
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci.splitlines()
 

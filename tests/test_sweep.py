@@ -198,7 +198,11 @@ def test_sweep_over_expert_counts(ray_local, stage1_run, stage1_model, dataset_d
                    "--out", str(tmp_path / "dry"), "--dry-run", "space.num_experts=[2,4]",
                    f"tracking_uri={stage1_run['tracking_uri']}"])
     assert rc == 0
-    assert (tmp_path / "dry" / "init" / "model" / "config.json").is_file() and not (tmp_path / "dry" / "tune").exists()
+    # <out>/init/model is the run's MLflow Model; the sepit export folder sits inside it
+    from sepit.tracking.models import sepit_folder
+
+    assert (sepit_folder(tmp_path / "dry" / "init" / "model") / "config.json").is_file()
+    assert not (tmp_path / "dry" / "tune").exists()
 
     cfg = _sweep_config(tmp_path / "sweep", stage1_model, dataset_dir, space=SearchSpace(num_experts=[2, 4]),
                         max_concurrent_trials=2)

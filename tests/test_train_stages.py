@@ -130,10 +130,10 @@ JOB_STEPS = 4
 
 @pytest.mark.slow
 def test_stage2_as_a_ray_job_on_a_head_node(tiny_pipeline, ray_head_node, tmp_path):
-    """`ray job submit -- python jobs/stage2.py` against a real head node: 2 DeepSpeed ranks with
-    MoE under ZeRO-2, the parent named by its MLflow run id (fetched from the store), the run a
-    child of the pipeline's run, and the commit passed by the submitter (the uploaded working dir
-    has no .git)."""
+    """`ray job submit -- python jobs/stage2.py` against a real head node: DeepSpeed MoE under
+    ZeRO-2 (one rank: the pipeline above trains stage 2 on two), the parent named by its MLflow run
+    id (fetched from the store), the run a child of the pipeline's run, and the commit passed by the
+    submitter (the uploaded working dir has no .git)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tiny_pipeline.tracking_uri)
@@ -146,7 +146,7 @@ def test_stage2_as_a_ray_job_on_a_head_node(tiny_pipeline, ray_head_node, tmp_pa
          "python", "jobs/stage2.py", "--preset", "tiny", "--out", str(out), "--init", stage1_run,
          "--data", str(tiny_pipeline.out / "dataset"), "--tracking-uri", tiny_pipeline.tracking_uri,
          "--parent-run-id", parent, f"train.max_steps={JOB_STEPS}", f"train.eval_every={JOB_STEPS}",
-         f"train.checkpoint_every={JOB_STEPS}", "train.max_failures=0", "train.num_workers=2", "train.zero_stage=2"],
+         f"train.checkpoint_every={JOB_STEPS}", "train.max_failures=0", "train.zero_stage=2"],
         env=ray_head_node.env, cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     output = job.stdout + job.stderr
