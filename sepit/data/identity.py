@@ -88,7 +88,7 @@ def sequence_identity(a: str, b: str) -> float:
 PROGRESS_MIN_PAIRS = 20_000
 
 
-def _progress(total: int, label: Optional[str]):
+def alignment_progress(total: int, label: Optional[str]):
     """A console progress display for ``total`` pairs; None when the work is too small to show or
     ``label`` is None (a Ray task: the driver shows the progress)."""
     if label is None or total < PROGRESS_MIN_PAIRS:
@@ -102,7 +102,7 @@ def pair_identities(sequences: Sequence[str], pairs: np.ndarray, label: Optional
     """Identity for each ``(i, j)`` row of ``pairs`` (float32 array, same order)."""
     pairs = np.asarray(pairs)
     out = np.empty(len(pairs), np.float32)
-    bar, t0 = _progress(len(pairs), label), time.time()
+    bar, t0 = alignment_progress(len(pairs), label), time.time()
     for r, (i, j) in enumerate(pairs):
         out[r] = sequence_identity(sequences[i], sequences[j])
         if bar is not None and (r + 1) % 2000 == 0:
@@ -138,7 +138,7 @@ def exhaustive_identities(sequences: Sequence[str], r0: int = 0, r1: Optional[in
     n = len(sequences)
     r1 = n if r1 is None else min(r1, n)
     total = sum(n - i - 1 for i in range(r0, r1))
-    bar, t0, done, rows = _progress(total, label), time.time(), 0, []
+    bar, t0, done, rows = alignment_progress(total, label), time.time(), 0, []
     for i in range(r0, r1):
         rows.append(row_identities(sequences, i))
         done += len(rows[-1])

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from sepit.data.homology import EXHAUSTIVE_MAX_PROTEINS, search_pairs
-from sepit.data.identity import PrefilterParams, pair_identities
+from sepit.data.identity import PrefilterParams, alignment_progress, pair_identities
 from sepit.data.mmseqs import MmseqsParams
 from sepit.data.questions import rng_for
 
@@ -97,7 +97,17 @@ def align_candidates(sequences: Sequence[str], pairs: np.ndarray, use_ray: bool 
     n_blocks = max(1, -(-len(pairs) // rows_per_block))
     ds = ray.data.from_items([{k: int(v[r]) for k, v in table.items()} for r in range(len(pairs))])
     ds = ds.repartition(n_blocks).map_batches(align_batch, batch_format="numpy")
-    out = ds.to_pandas().sort_values("row")
+    import pandas as pd
+
+    parts = []
+    bar = alignment_progress(len(pairs), "align candidate pairs (Ray)")
+    for part in ds.iter_batches(batch_size=None, batch_format="pandas"):  # one block at a time, as they finish
+        parts.append(part)
+        if bar is not None:
+            bar.update(sum(len(p) for p in parts))
+    if bar is not None:
+        bar.close()
+    out = pd.concat(parts).sort_values("row")
     if len(out) != len(pairs):
         raise RuntimeError(f"Ray alignment returned {len(out)} of {len(pairs)} pairs")
     return out["identity"].to_numpy(np.float32)
