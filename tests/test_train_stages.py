@@ -125,6 +125,44 @@ def test_stages_learn_and_record_lineage(tiny_pipeline):
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
+def test_pipeline_model_is_served_from_its_registry_alias(tiny_pipeline):
+    """(Before the job below registers another stage-2 version.) Every stage the pipeline trained
+    is a registered MLflow Model; `sepit serve --model
+    models:/sepit-stage2@latest` pins the alias to that version, and a Serve model replica (built
+    in-process, as Serve would on its node) loads it from the registry and answers."""
+    import asyncio
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from sepit.serve.config import ServeConfig
+    from sepit.serve.model_runner import SepitModelRunner
+    from sepit.serve.protocol import GenerationItem
+    from sepit.tracking.models import pin_model_uri
+
+    client = MlflowClient(tiny_pipeline.tracking_uri)
+    for n in range(3):
+        version = client.get_model_version_by_alias(f"sepit-stage{n}", "newest")
+        assert version.run_id == tiny_pipeline.run_id(f"stage{n}")
+    # A replica is a fresh process whose environment carries the store; this test process may
+    # have another store set by an earlier test (mlflow.set_tracking_uri wins over the variable).
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tiny_pipeline.tracking_uri)  # also sets MLFLOW_TRACKING_URI, as the replica's environment
+    pinned = pin_model_uri("models:/sepit-stage2@latest", tracking_uri=tiny_pipeline.tracking_uri)
+    assert pinned == f"models:/sepit-stage2/{client.get_model_version_by_alias('sepit-stage2', 'newest').version}"
+    runner = SepitModelRunner(ServeConfig(model_dir=pinned, warmup_question="What is the function of this protein?",
+                                          warmup_sequence="MKTAYIAKQRQISFVKSHFSRQ").require_model_dir())
+    try:
+        assert runner.ready_state()["warm"]
+        [result] = asyncio.run(runner.generate([GenerationItem(
+            question="Where is this protein located?", sequence="MSDNGPQNQRNAPRITFGGPSDSTGSNQNGERS",
+            max_new_tokens=5)], 60.0))
+        assert result.error is None and isinstance(result.text, str)
+    finally:
+        runner.batcher.stop()
+        mlflow.set_tracking_uri(previous)
+
+
 JOB_STEPS = 4
 
 
@@ -162,3 +200,4 @@ def test_stage2_as_a_ray_job_on_a_head_node(tiny_pipeline, ray_head_node, tmp_pa
     lineage = json.loads((out / "model" / "lineage.json").read_text())
     assert lineage["stage"] == "stage2" and lineage["mlflow_run_id"] == run_id and lineage["git_commit"] == commit
     assert lineage["parent"]["stage"] == "stage1" and lineage["parent"]["run_id"] == stage1_run
+
