@@ -84,18 +84,13 @@ def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` (tracking + model registry + proxied artifacts) on a free loopback
     port with a sqlite store, for the whole session; yields its URI."""
     import signal
-    import socket
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     import httpx
+    from ray_head import free_ports
 
     root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     exe = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen(
         [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -127,8 +122,8 @@ def mlflow_server(tmp_path_factory):
 # --------------------------------------------------------------------------- shared slow fixtures
 # The expensive things are made once per session and shared: the tiny pipeline (README command 1
 # on the tiny preset: store, dataset, stages 0-2, evaluation), a `ray start --head` node for the
-# `ray job submit` tests. Tests that use them run in one xdist group (see
-# pytest_collection_modifyitems below), so under `pytest -n 2` each is made once, by one worker.
+# `ray job submit` tests. The modules that use them are scheduled on one xdist worker (see
+# pytest_xdist_make_scheduler below), so under `pytest -n 2` each is made once.
 
 # Stages 1 and 2 on 2 DeepSpeed ranks under ZeRO-2 (what the stage tests check: a rank whose batch
 # has no structure still gives the bias a zero gradient; MoE across ranks), and a validation

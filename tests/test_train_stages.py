@@ -65,7 +65,7 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
-def _pipeline_parent(client, tiny_pipeline) -> str:
+def _pipeline_parent(client) -> str:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (parent,) = [r.info.run_id for r in runs if r.data.tags.get("sepit.kind") == "pipeline"]
     return parent
@@ -80,7 +80,7 @@ def test_stages_learn_and_record_lineage(tiny_pipeline):
 
     out = {n: tiny_pipeline.out / f"stage{n}" for n in range(3)}
     client = MlflowClient(tiny_pipeline.tracking_uri)
-    parent = _pipeline_parent(client, tiny_pipeline)
+    parent = _pipeline_parent(client)
     commit = git_commit(REPO)  # what the pipeline saw: the checkout's commit (+dirty if edited)
     runs = {}
     for n in range(3):
@@ -125,6 +125,7 @@ def test_stages_learn_and_record_lineage(tiny_pipeline):
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
+@pytest.mark.slow
 def test_pipeline_model_is_served_from_its_registry_alias(tiny_pipeline):
     """(Before the job below registers another stage-2 version.) Every stage the pipeline trained
     is a registered MLflow Model; `sepit serve --model
@@ -175,7 +176,7 @@ def test_stage2_as_a_ray_job_on_a_head_node(tiny_pipeline, ray_head_node, tmp_pa
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tiny_pipeline.tracking_uri)
-    parent = _pipeline_parent(client, tiny_pipeline)
+    parent = _pipeline_parent(client)
     stage1_run = tiny_pipeline.run_id("stage1")
     out, commit = tmp_path / "stage2", _commit()
     job = subprocess.run(

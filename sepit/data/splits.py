@@ -99,12 +99,13 @@ def align_candidates(sequences: Sequence[str], pairs: np.ndarray, use_ray: bool 
     ds = ds.repartition(n_blocks).map_batches(align_batch, batch_format="numpy")
     import pandas as pd
 
-    parts = []
+    parts, done = [], 0
     bar = alignment_progress(len(pairs), "align candidate pairs (Ray)")
     for part in ds.iter_batches(batch_size=None, batch_format="pandas"):  # one block at a time, as they finish
         parts.append(part)
+        done += len(part)
         if bar is not None:
-            bar.update(sum(len(p) for p in parts))
+            bar.update(done)
     if bar is not None:
         bar.close()
     out = pd.concat(parts).sort_values("row")
