@@ -2,7 +2,8 @@
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires names to modules (imported lazily, so ``sepit --help``
-stays fast and a missing optional dependency only breaks its own command).
+stays fast and a missing optional dependency only breaks its own command).  The commands that
+run one step come from the step registry (:mod:`sepit.config.steps`), the one the pipeline uses.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ import argparse
 import importlib
 import sys
 
+from sepit.config.steps import STEPS
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("sepit.data.preprocess", "structure files -> validated protein store (Ray Data)"),
-    "build-dataset": ("sepit.data.build", "protein store + annotations -> stage 0/1/2 instruction data"),
-    "stage0": ("sepit.train.stage0", "stage 0: structure warm-up of the protein encoder"),
-    "stage1": ("sepit.train.stage1", "stage 1: caption instruction tuning"),
-    "stage2": ("sepit.train.stage2", "stage 2: MoE instruction tuning"),
+    **{step.command: (step.module, step.help) for step in STEPS.values()},
     "pipeline": ("sepit.pipeline", "the whole pipeline: preprocess -> dataset -> stages 0-2 -> evaluate"),
-    "sweep-experts": ("sepit.tune.sweep", "Ray Tune sweep of stage 2 over expert counts"),
-    "evaluate": ("sepit.evaluation.run", "batched generation + metrics + report"),
     "score": ("sepit.evaluation.score", "score an existing predictions file"),
     "serve": ("sepit.serve.app", "Ray Serve HTTP endpoint over an exported model"),
     "plan": ("sepit.plan", "per-GPU memory and divisibility checks of a stage before launch"),

@@ -2,11 +2,13 @@
 
     preprocess -> build dataset -> stage 0 -> stage 1 -> stage 2 -> evaluate
 
-Each step is the same Python function its own ``sepit``/``jobs/`` entry point calls; the
-pipeline only decides paths (everything under ``--out``), wires each step's output into the
-next, validates every step's config *before* anything runs, and nests every step's MLflow run
-under one pipeline run.  Presets (``sepit/config/presets/{tiny,small,paper}.yaml``) hold one
-section per step; a YAML file and dotted overrides (``stage2.moe.num_experts=8``) go on top.
+Each step is the same Python function its own ``sepit``/``jobs/`` entry point calls (one step
+registry, :mod:`sepit.config.steps`); the pipeline only decides paths (everything under
+``--out``), wires each step's output into the next, validates every step's config *before*
+anything runs, and nests every step's MLflow run under one pipeline run.  Its config is a preset
+recipe (:mod:`sepit.config.recipes`: one typed section per step, the same sections the stage,
+evaluate and sweep commands start from); a YAML file and dotted overrides
+(``stage2.moe.num_experts=8``) go on top.  The resolved config is written to ``<out>/config.yaml``.
 Re-running with the same ``--out`` resumes: finished steps are skipped (their outputs carry a
 ``.done`` marker), training stages resume from their last checkpoint.
 """
@@ -14,82 +16,14 @@ Re-running with the same ``--out`` resumes: finished steps are skipped (their ou
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from sepit.config.base import (
-    ConfigError,
-    check_choice,
-    from_dict,
-    load_yaml,
-    merge,
-    parse_overrides,
-    save_yaml,
-    to_dict,
-)
-
-PRESET_DIR = Path(__file__).resolve().parent / "config" / "presets"
-PRESETS = ("tiny", "small", "paper")
-STEPS = ("preprocess", "dataset", "stage0", "stage1", "stage2", "evaluate")
-
-# step -> (module, config class, run function)
-_STEP_IMPL = {
-    "preprocess": ("sepit.data.preprocess", "PreprocessConfig", "run_preprocess"),
-    "dataset": ("sepit.data.build", "BuildConfig", "build_dataset"),
-    "stage0": ("sepit.train.stage0", "Stage0JobConfig", "run_stage0"),
-    "stage1": ("sepit.train.stage1", "Stage1JobConfig", "run_stage1"),
-    "stage2": ("sepit.train.stage2", "Stage2JobConfig", "run_stage2"),
-    "evaluate": ("sepit.evaluation.run", "EvaluateConfig", "evaluate"),
-}
-
-
-@dataclass
-class PipelineConfig:
-    preset: str = "small"
-    """Which preset this config started from (recorded in MLflow)."""
-    out: str = "runs/pipeline"
-    """Output folder: store/, dataset/, stage0/, stage1/, stage2/, eval/, mlflow.db."""
-    steps: list[str] = field(default_factory=lambda: list(STEPS))
-    """Steps to run, in pipeline order; a skipped step's output must already exist under out."""
-    tracking_uri: Optional[str] = None
-    """MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite at <out>/mlflow.db."""
-    ray_address: Optional[str] = None
-    """Ray cluster to join; default RAY_ADDRESS or a local Ray on loopback."""
-    num_cpus: Optional[int] = None
-    """Logical CPUs of a local Ray (more than the cores keeps data + training from starving)."""
-    preprocess: dict[str, Any] = field(default_factory=dict)
-    """PreprocessConfig fields (out is set by the pipeline)."""
-    dataset: dict[str, Any] = field(default_factory=dict)
-    """BuildConfig fields (proteins and out are set by the pipeline)."""
-    stage0: dict[str, Any] = field(default_factory=dict)
-    """Stage0Config fields (data and output folder are set by the pipeline)."""
-    stage1: dict[str, Any] = field(default_factory=dict)
-    """Stage1Config fields (data, init from stage 0 and output folder are set by the pipeline)."""
-    stage2: dict[str, Any] = field(default_factory=dict)
-    """Stage2Config fields (data, init from stage 1 and output folder are set by the pipeline)."""
-    evaluate: dict[str, Any] = field(default_factory=dict)
-    """EvaluateConfig fields (model, data, compare_model and out are set by the pipeline)."""
-
-    def __post_init__(self) -> None:
-        check_choice(self.preset, "preset", PRESETS)
-        for s in self.steps:
-            check_choice(s, "steps[]", STEPS)
-        if not self.out:
-            raise ConfigError("out: an output folder is required")
-
-
-def load_pipeline_config(preset: str = "small", path: str | None = None, overrides: list[str] = ()) -> PipelineConfig:
-    check_choice(preset, "--preset", PRESETS)
-    data = load_yaml(PRESET_DIR / f"{preset}.yaml")
-    data["preset"] = preset
-    if path:
-        data = merge(data, load_yaml(path))
-    data = merge(data, parse_overrides(overrides))
-    return from_dict(PipelineConfig, data)
+from sepit.config.base import RUN_CONFIG, ConfigError, from_dict, merge, to_dict, write_run_config
+from sepit.config.recipes import DEFAULT_PRESET, PRESETS, PipelineConfig, load
+from sepit.config.steps import PIPELINE_STEPS, STEPS
 
 
 # --------------------------------------------------------------------------- wiring
@@ -104,16 +38,9 @@ def _paths(out: Path) -> dict[str, Path]:
     }
 
 
-def _stage_preset(step: str, preset: str) -> dict[str, Any]:
-    """The training stages' own preset (model sizes, steps, lrs) under the pipeline's YAML."""
-    if step not in ("stage0", "stage1", "stage2"):
-        return {}
-    mod = importlib.import_module(f"sepit.train.{step}")
-    return getattr(mod, f"{step}_preset")(preset)
-
-
-def step_sections(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Each step's config dict: stage preset <- pipeline YAML section <- the pipeline's wiring."""
+def wire(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with every step's paths under ``out`` and each step's input the previous step's
+    output (the pipeline's wiring replaces what the sections say about paths)."""
     out = Path(cfg.out).resolve()
     p = _paths(out)
 
@@ -138,14 +65,9 @@ def step_sections(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
         wiring["stage1"]["init"] = str(p["stage0"] / "model")
     if cfg.tracking_uri:
         wiring["evaluate"]["tracking_uri"] = cfg.tracking_uri
-    sections = {}
-    for step in STEPS:
-        user = getattr(cfg, step)
-        sections[step] = merge(merge(_stage_preset(step, cfg.preset), user), wiring[step])
-    ann = sections["dataset"].get("annotations")
-    if ann:
-        sections["dataset"]["annotations"] = [_bundled(a) for a in ann]
-    return sections
+    data = merge(to_dict(cfg), wiring)
+    data["dataset"]["annotations"] = [_bundled(a) for a in data["dataset"]["annotations"]]
+    return from_dict(PipelineConfig, data)
 
 
 def _bundled(path: str) -> str:
@@ -157,24 +79,11 @@ def _bundled(path: str) -> str:
     return path
 
 
-def _impl(step: str) -> tuple[type, Callable[..., Any]]:
-    mod_name, cls_name, fn_name = _STEP_IMPL[step]
-    mod = importlib.import_module(mod_name)
-    return getattr(mod, cls_name), getattr(mod, fn_name)
-
-
 def validate(cfg: PipelineConfig) -> dict[str, Any]:
-    """Type-check every selected step's config now, so a typo fails before hours of training."""
-    typed = {}
-    for step, section in step_sections(cfg).items():
-        if step not in cfg.steps:
-            continue
-        cls, _ = _impl(step)
-        try:
-            typed[step] = from_dict(cls, section)
-        except ConfigError as exc:
-            raise ConfigError(f"{step}.{exc}") from None
-    return typed
+    """Every selected step's typed config, wired (a typo or a broken rule fails now, before hours
+    of training; the error names the step's section)."""
+    wired = wire(cfg)
+    return {step: getattr(wired, step) for step in cfg.steps}
 
 
 def _call(step: str, fn: Callable[..., Any], step_cfg: Any, parent_run_id: str | None) -> Any:
@@ -217,9 +126,8 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] | None = None) 
     from sepit.console import capture_logs, say
 
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     typed = validate(cfg)
-    save_yaml(cfg, out / "pipeline.yaml")
+    write_run_config(wire(cfg), out)
     with capture_logs(out) as logs:
         (log or say)(f"sepit pipeline ({cfg.preset}): {len(cfg.steps)} steps -> {out}  (Ray/DeepSpeed/MLflow logs: {logs})")
         return _run_steps(cfg, typed, out, log or say, mlflow)
@@ -246,9 +154,9 @@ def _run_steps(cfg: PipelineConfig, typed: dict[str, Any], out: Path, log: Calla
     try:
         with start_run(f"pipeline-{cfg.preset}", tracking_uri=uri, tags={"sepit.kind": "pipeline"}) as run:
             log_params({"preset": cfg.preset, "steps": cfg.steps, "out": str(out)})
-            mlflow.log_dict(to_dict(cfg), "pipeline.yaml")
+            mlflow.log_artifact(str(out / RUN_CONFIG))
             for i, step in enumerate(cfg.steps, 1):
-                _, fn = _impl(step)
+                _, fn = STEPS[step].load()
                 done = out / f".{step}.done"
                 head = f"[{i}/{len(cfg.steps)}] {step}"
                 if done.exists() and step in ("preprocess", "dataset", "evaluate"):
@@ -312,20 +220,19 @@ def _closed_set_lines(ev: Any) -> list[str]:
 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="small", choices=PRESETS, help="tiny (tests), small (CPU demo), paper (GPUs)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                        help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()) + f" (default: {DEFAULT_PRESET})")
     parser.add_argument("--config", help="YAML file with PipelineConfig fields, merged over the preset")
     parser.add_argument("--out", help="output folder (default runs/pipeline-<preset>)")
-    parser.add_argument("--steps", help="comma-separated subset of " + ",".join(STEPS))
+    parser.add_argument("--steps", help="comma-separated subset of " + ",".join(PIPELINE_STEPS))
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stage2.train.max_steps=50")
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    overrides.append(f"out={args.out or f'runs/pipeline-{args.preset}'}")
-    if args.steps:
-        overrides.append(f"steps=[{args.steps}]")
+    flags = {"out": args.out or f"runs/pipeline-{args.preset}",
+             "steps": [s.strip() for s in args.steps.split(",")] if args.steps else None}
     try:
-        cfg = load_pipeline_config(args.preset, args.config, overrides)
+        cfg = load("pipeline", args.preset, args.config, flags, args.overrides)
         results = run_pipeline(cfg)
     except ConfigError as exc:
         print(f"sepit pipeline: invalid configuration: {exc}")

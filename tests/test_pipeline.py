@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -9,19 +10,75 @@ from pathlib import Path
 import pytest
 
 from sepit.config import ConfigError
-from sepit.pipeline import load_pipeline_config, step_sections, validate
+from sepit.config.recipes import load
+from sepit.pipeline import validate
 
 
 def test_presets_validate_every_step(tmp_path):
     for preset in ("tiny", "small", "paper"):
-        cfg = load_pipeline_config(preset, overrides=[f"out={tmp_path}"])
+        cfg = load("pipeline", preset, overrides=[f"out={tmp_path}"])
         typed = validate(cfg)
         assert list(typed) == ["preprocess", "dataset", "stage0", "stage1", "stage2", "evaluate"]
-    s = step_sections(load_pipeline_config("tiny", overrides=[f"out={tmp_path}"]))
+    s = validate(load("pipeline", "tiny", overrides=[f"out={tmp_path}"]))
     # wiring: each stage starts from the previous one's exported model
-    assert s["stage1"]["init"] == str(tmp_path.resolve() / "stage0" / "model")
-    assert s["stage2"]["init"] == str(tmp_path.resolve() / "stage1" / "model")
-    assert s["evaluate"]["model"] == str(tmp_path.resolve() / "stage2" / "model")
+    assert s["stage1"].init == str(tmp_path.resolve() / "stage0" / "model")
+    assert s["stage2"].init == str(tmp_path.resolve() / "stage1" / "model")
+    assert s["evaluate"].model == str(tmp_path.resolve() / "stage2" / "model")
+
+
+def _command_config(command: str, argv: list[str]):
+    """The typed config ``sepit <command> <argv>`` would run with (parsed, resolved; nothing runs)."""
+    import argparse
+
+    from sepit.cli import COMMANDS
+
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog=f"sepit {command}")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if command.startswith("stage"):
+        from sepit.train.stage_common import config_from_args
+
+        return config_from_args(args, command)
+    if command == "evaluate":
+        from sepit.config.recipes import load
+
+        return load("evaluate", args.preset, args.config, module._cli_flags(args), args.overrides)
+    return module.config_from_args(args)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
+def test_commands_and_pipeline_resolve_a_preset_identically(tmp_path, preset):
+    """A preset means the same hyperparameters everywhere: each stage command, evaluate and the
+    sweep's shared stage 2, given the pipeline's paths, resolve to the pipeline's section."""
+    from sepit.config import from_dict, merge, to_dict
+    from sepit.train.stage2 import Stage2JobConfig
+
+    out = tmp_path.resolve()
+    pipe = validate(load("pipeline", preset, overrides=[f"out={out}"]))
+    data = ["--preset", preset, "--data", str(out / "dataset")]
+    argv = {
+        "stage0": [*data, "--out", str(out / "stage0")],
+        "stage1": [*data, "--out", str(out / "stage1"), "--init", str(out / "stage0" / "model")],
+        "stage2": [*data, "--out", str(out / "stage2"), "--init", str(out / "stage1" / "model")],
+        "evaluate": [*data, "--model", str(out / "stage2" / "model"), "--out", str(out / "eval"),
+                     "--compare-model", str(out / "stage1" / "model")],
+    }
+    for command, words in argv.items():
+        assert to_dict(_command_config(command, words)) == to_dict(pipe[command]), command
+    sweep = _command_config("sweep-experts", argv["stage2"][:-4] + ["--init", str(out / "stage1" / "model")])
+    shared = from_dict(Stage2JobConfig, merge(sweep.stage2_dict(),
+                                              {"train": {"output_dir": str(out / "stage2"), "run_name": "stage2"}}))
+    assert to_dict(shared) == to_dict(pipe["stage2"])
+
+
+def test_small_is_the_default_preset_of_every_command(tmp_path):
+    assert _command_config("stage1", ["--out", str(tmp_path)]).llm_lr_ratio == 1.0  # small.yaml's
+    assert _command_config("stage0", []).train.max_steps == 30
+    assert _command_config("evaluate", []).limit == 200
+    assert _command_config("sweep-experts", ["--init", "x"]).preset == "small"
+    with pytest.raises(ConfigError, match=r"--preset='huge' is not allowed; choose one of \['tiny', 'small', 'paper'\]"):
+        load("stage1", "huge")
 
 
 @pytest.mark.parametrize(
@@ -35,7 +92,7 @@ def test_presets_validate_every_step(tmp_path):
 )
 def test_bad_config_fails_before_running(tmp_path, override, needle):
     with pytest.raises(ConfigError) as exc:
-        validate(load_pipeline_config("tiny", overrides=[f"out={tmp_path}", override]))
+        validate(load("pipeline", "tiny", overrides=[f"out={tmp_path}", override]))
     assert needle in str(exc.value)
     assert not (tmp_path / "store").exists()
 

@@ -1,7 +1,8 @@
-"""Typed configuration: the loader lives in :mod:`sepit.config.base`, presets in
-:mod:`sepit.config.presets`."""
+"""Typed configuration: dataclass loading in :mod:`sepit.config.base`, the step registry in
+:mod:`sepit.config.steps`, preset recipes and the commands' loader in :mod:`sepit.config.recipes`."""
 
 from sepit.config.base import (  # noqa: F401
+    RUN_CONFIG,
     ConfigError,
     check_choice,
     check_range,
@@ -12,4 +13,5 @@ from sepit.config.base import (  # noqa: F401
     parse_overrides,
     save_yaml,
     to_dict,
+    write_run_config,
 )

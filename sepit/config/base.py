@@ -214,3 +214,16 @@ def load_config(
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+#: What every run (stage, sweep, evaluation, pipeline) writes into its output folder: its fully
+#: resolved config, which ``--config`` reads back.
+RUN_CONFIG = "config.yaml"
+
+
+def write_run_config(cfg: Any, out_dir: str | Path) -> Path:
+    """Write ``cfg`` as ``<out_dir>/config.yaml`` (the folder is created)."""
+    path = Path(out_dir) / RUN_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, path)
+    return path

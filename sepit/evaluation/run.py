@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sepit.config.base import ConfigError, check_choice, from_dict, load_config, to_dict
+from sepit.config.base import ConfigError, check_choice, from_dict, to_dict, write_run_config
 from sepit.evaluation.bootstrap import BootstrapConfig
 from sepit.evaluation.generate import GenerationConfig, GenerationTask, generate_predictions, unusable_rows
 from sepit.evaluation.metrics import MetricsConfig
@@ -63,13 +63,16 @@ class EvaluateConfig:
     mlflow: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("model", "data", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"evaluate.{name} is required")
         for b in self.baselines:
             check_choice(b, "evaluate.baselines[]", BASELINES)
         if self.split.count("/") > 1:
             raise ConfigError(f"evaluate.split={self.split!r}: use 'stageN/name' or 'name'")
+
+    def check_inputs(self) -> None:
+        """model, data and out are required to run (a preset's section leaves them to the command)."""
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"evaluate.{name} is required")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -175,9 +178,10 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
 
     set_local_defaults()
     cfg = config if isinstance(config, EvaluateConfig) else from_dict(EvaluateConfig, config)
+    cfg.check_inputs()
+    write_run_config(cfg, cfg.out)
     cfg = localize_inputs(cfg)  # s3:// / gs:// model and data -> local cached copies
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(cfg.model)
     compare_dir = resolve_model_dir(cfg.compare_model) if cfg.compare_model else None
     lineage = read_lineage(model_dir)
@@ -341,7 +345,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="dataset folder, Parquet split, or QA/reference JSONL")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--split", help="split in a dataset folder (default stage2/test)")
-    parser.add_argument("--config", help="YAML file with EvaluateConfig fields")
+    from sepit.config.recipes import DEFAULT_PRESET, PRESETS
+
+    parser.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                        help=f"the evaluate section of this pipeline recipe (default: {DEFAULT_PRESET})")
+    parser.add_argument("--config", help="YAML file with EvaluateConfig fields, merged over the preset")
     parser.add_argument("--train-data", help="training split for the baselines")
     parser.add_argument("--compare-model", help="second model folder (e.g. stage 1 dense vs stage 2 MoE)")
     parser.add_argument("--pdb-h5", help="reference pdb.h5 for conversation JSONL data")
@@ -364,8 +372,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.top_p=0.9")
 
 
-def _cli_overrides(args: argparse.Namespace) -> list[str]:
-    pairs = {
+def _cli_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The named flags as dotted config keys (None = not given)."""
+    return {
         "model": args.model, "data": args.data, "out": args.out, "split": args.split, "train_data": args.train_data,
         "compare_model": args.compare_model, "pdb_h5": args.pdb_h5, "limit": args.limit,
         "tracking_uri": args.tracking_uri,
@@ -374,22 +383,17 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
         "generation.temperature": args.temperature, "generation.top_p": args.top_p,
         "generation.max_batches": args.max_batches, "bootstrap.n_resamples": args.bootstrap,
         "metrics.bertscore.model_path": args.bertscore_model,
+        "generation.do_sample": True if args.do_sample else None, "generation.stop": args.stop,
+        "sequence_only_ablation": False if args.no_ablation else None, "mlflow": False if args.no_mlflow else None,
     }
-    out = [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in pairs.items() if v is not None]
-    if args.do_sample:
-        out.append("generation.do_sample=true")
-    if args.stop:
-        out.append(f"generation.stop={json.dumps(args.stop)}")
-    if args.no_ablation:
-        out.append("sequence_only_ablation=false")
-    if args.no_mlflow:
-        out.append("mlflow=false")
-    return out + list(args.overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(EvaluateConfig, args.config, overrides=_cli_overrides(args))
+        from sepit.config.recipes import load
+
+        cfg = load("evaluate", args.preset, args.config, _cli_flags(args), args.overrides)
+        cfg.check_inputs()
         from sepit.console import capture_logs
 
         with capture_logs(cfg.out):  # Ray/MLflow output -> <out>/logs/

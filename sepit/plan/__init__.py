@@ -48,7 +48,7 @@ class PlanError(ValueError):
 @dataclass
 class PlanRequest:
     preset: str = "paper"
-    """tiny | small | paper: model sizes and training defaults of that preset."""
+    """tiny | small | paper: model sizes and training defaults of that recipe (sepit.config.recipes)."""
     stage: int = 2
     """Training stage 0, 1 or 2."""
     gpus: int = 8
@@ -126,9 +126,9 @@ def model_state_bytes(p: ParamCounts, zero: int, gpus: int, ep_size: int, precis
 
 def resolve_request(req: PlanRequest) -> tuple[PlanRequest, dict[str, Any]]:
     """Fill the preset's defaults; returns the request and the stage config values used."""
-    from sepit.config.base import ConfigError
+    from sepit.config.base import ConfigError, to_dict
+    from sepit.config.recipes import PRESETS, recipe
     from sepit.models.moe import MoEConfig
-    from sepit.train.stage_common import PRESETS, train_preset
 
     if req.preset not in PRESETS:
         raise PlanError(f"--preset {req.preset!r}: choose one of {list(PRESETS)}")
@@ -138,14 +138,15 @@ def resolve_request(req: PlanRequest) -> tuple[PlanRequest, dict[str, Any]]:
         raise PlanError(f"--gpus {req.gpus}: need at least one GPU")
     if req.precision not in ("bf16", "fp32"):
         raise PlanError(f"--precision {req.precision!r}: choose bf16 or fp32")
-    train = train_preset(req.preset, req.stage)
-    answer = {"tiny": 96, "small": 256, "paper": 1024}[req.preset]  # stage1/2_preset max_answer_tokens
+    steps = recipe(req.preset)
+    train = to_dict(getattr(steps, f"stage{req.stage}").train)
+    answer = getattr(steps, f"stage{max(req.stage, 1)}").max_answer_tokens
     moe = MoEConfig()
     out = PlanRequest(**asdict(req))
-    out.zero_stage = train.get("zero_stage", 0) if req.zero_stage is None else req.zero_stage
+    out.zero_stage = train["zero_stage"] if req.zero_stage is None else req.zero_stage
     out.micro_batch_size = train["micro_batch_size"] if req.micro_batch_size is None else req.micro_batch_size
     out.num_experts = moe.num_experts if req.num_experts is None else req.num_experts
-    out.residues = train.get("max_residues", 1022) if req.residues is None else req.residues
+    out.residues = train["max_residues"] if req.residues is None else req.residues
     out.answer_tokens = answer if req.answer_tokens is None else req.answer_tokens
     if out.zero_stage not in (0, 1, 2, 3):
         raise PlanError(f"--zero {out.zero_stage}: choose 0, 1, 2 or 3")
@@ -200,8 +201,8 @@ def make_plan(req: PlanRequest) -> StagePlan:
         transient["deepspeed_buckets"] = e * (REDUCE_BUCKET + ALLGATHER_BUCKET)
     trainable_here = params.trainable_dense / (req.gpus if req.zero_stage >= 1 else 1)
     transient["fp32_grads_at_step"] = int(4 * trainable_here) if req.precision == "bf16" else 0
-    notes = [f"global batch = {req.micro_batch_size} x grad_accum {train.get('grad_accum_steps', 1)} x {req.gpus} GPUs"
-             f" = {req.micro_batch_size * train.get('grad_accum_steps', 1) * req.gpus} examples per optimizer step"]
+    notes = [f"global batch = {req.micro_batch_size} x grad_accum {train['grad_accum_steps']} x {req.gpus} GPUs"
+             f" = {req.micro_batch_size * train['grad_accum_steps'] * req.gpus} examples per optimizer step"]
     if req.stage == 2:
         notes.append(f"experts per rank: {req.num_experts // ep} of {req.num_experts} in each of "
                      f"{params.moe_layers} MoE layers (ep_size={ep}); expert ZeRO group = {req.gpus // ep} ranks")

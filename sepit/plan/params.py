@@ -84,11 +84,11 @@ def bert_parameters(config_json: Path) -> int:
 def count_stage_parameters(preset: str, stage: int, *, num_experts: int, vocab_size: int | None,
                            residues: int, answer_tokens: int, prompt_tokens: int, micro_batch: int
                            ) -> tuple[ParamCounts, ActivationShapes]:
-    """Parameter counts and activation shapes of ``stage`` built from ``preset``."""
-    from sepit.models.encoder import EncoderConfig
-    from sepit.models.llm import LLMConfig
+    """Parameter counts and activation shapes of ``stage`` built from the recipe ``preset``."""
+    from sepit.config.recipes import recipe
 
-    enc = EncoderConfig.preset(preset)
+    steps = recipe(preset)
+    enc = steps.stage1.model.encoder
     esm = esm2_parameters(enc.num_layers, enc.embed_dim, enc.attention_heads)
     bias = structure_bias_parameters(enc.num_rbf, enc.attention_heads, enc.embed_dim) if enc.use_structure else 0
     esm_total = sum(v for k, v in esm.items() if k != "last_layer")
@@ -97,11 +97,9 @@ def count_stage_parameters(preset: str, stage: int, *, num_experts: int, vocab_s
         encoder_heads=enc.attention_heads, encoder_layers=enc.num_layers, structure=enc.use_structure,
         num_rbf=enc.num_rbf, chunk_size=enc.chunk_size, stage=stage, encoder_trained=stage < 2)
     if stage == 0:
-        from sepit.models.stage0 import Stage0Config
         from sepit.models.text_encoder import resolve_text_encoder_path
-        from sepit.train.stage0 import stage0_preset
 
-        cfg = Stage0Config(**{k: v for k, v in stage0_preset(preset)["model"].items() if k != "encoder"})
+        cfg = steps.stage0.model
         text_json = resolve_text_encoder_path(cfg.text_encoder_path or None) / "config.json"
         text_dim = json.loads(text_json.read_text())["hidden_size"]
         D, P = enc.embed_dim, cfg.projection_dim
@@ -112,7 +110,7 @@ def count_stage_parameters(preset: str, stage: int, *, num_experts: int, vocab_s
         return ParamCounts(esm_total - contact + bias + heads_new, 0, bert_parameters(text_json) + contact,
                            has_structure_bias=bool(bias)), shapes
 
-    llm_cfg = LLMConfig.preset(preset)
+    llm_cfg = steps.stage1.model.llm
     vocab = vocab_size or llm_cfg.vocab_size + SEPIT_ADDED_TOKENS
     llm = llama_parameters(vocab, llm_cfg.hidden_size, llm_cfg.intermediate_size, llm_cfg.num_layers,
                            llm_cfg.num_attention_heads, llm_cfg.num_key_value_heads, llm_cfg.tie_word_embeddings)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sepit.config.base import ConfigError, save_yaml, to_dict
+from sepit.config.base import RUN_CONFIG, ConfigError, save_yaml, to_dict, write_run_config
 
 from .checkpoint import EXPORT_SUBDIR
 from .config import TrainConfig
@@ -196,7 +196,7 @@ def _worker_config(cfg: TrainConfig) -> TrainConfig:
 
 
 #: Run files that live beside ``model/`` in the output folder and follow it to an object store.
-RUN_FILES = ("config.yaml", "train_log.jsonl", "loss_curve.png", MLFLOW_RUN_FILE)
+RUN_FILES = (RUN_CONFIG, "train_log.jsonl", "loss_curve.png", MLFLOW_RUN_FILE)
 
 
 def _pull_run_files(cfg: TrainConfig) -> None:
@@ -265,7 +265,7 @@ def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path,
     rerouted()  # MLflow configured its logger at import
     out = cfg.out_path
     config_dict = to_dict(stage_config)
-    save_yaml(stage_config, out / "config.yaml")
+    write_run_config(stage_config, out)
     _pull_run_files(cfg)
     uri = resolve_tracking_uri(cfg.tracking_uri, out)
     previous = _previous_run_id(out, uri)
@@ -316,7 +316,7 @@ def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path,
                          else f"{cfg.output_dir.rstrip('/')}/model"})
         mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items()})
         log_dict_artifact(lineage, "lineage.json")
-        mlflow.log_artifact(str(out / "config.yaml"))
+        mlflow.log_artifact(str(out / RUN_CONFIG))
         png = plot_loss_curve(cfg.train_log, out / "loss_curve.png", f"{task.stage}: {cfg.run_name}")
         if png:
             mlflow.log_artifact(str(png))

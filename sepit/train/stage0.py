@@ -26,7 +26,7 @@ from sepit.models.stage0 import Stage0Config
 from .config import TrainConfig
 from .launch import run_training
 from .lineage import ParentRef
-from .stage_common import StageDataConfig, StageInitError, add_stage_arguments, run_cli, train_preset
+from .stage_common import StageDataConfig, StageInitError, add_stage_arguments, run_cli
 from .task import TrainTask, unwrap
 
 
@@ -44,14 +44,6 @@ class Stage0JobConfig:
 
     def __post_init__(self) -> None:
         check_range(self.new_module_lr_mult, "new_module_lr_mult", lo=0, lo_inclusive=False)
-
-
-def stage0_preset(name: str) -> dict[str, Any]:
-    sizes = {"tiny": dict(projection_dim=64, text_max_length=64),
-             "small": dict(projection_dim=256, text_max_length=128),
-             "paper": dict(projection_dim=512, text_max_length=256)}
-    model = Stage0Config.preset(name, **sizes[name]) if name in sizes else Stage0Config.preset(name)
-    return {"model": to_dict(model), "train": train_preset(name, 0)}
 
 
 @lru_cache(maxsize=4)
@@ -192,4 +184,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_cli(args, "stage0", stage0_preset, Stage0JobConfig, run_stage0)
+    return run_cli(args, "stage0", run_stage0)

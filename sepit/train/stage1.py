@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from sepit.config.base import check_range, to_dict
+from sepit.config.base import check_range
 from sepit.models.sepit_lm import SepitConfig
 
 from .config import TrainConfig
 from .launch import run_training
 from .lineage import ParentRef, resolve_parent
 from .lm_task import InstructionTask
-from .stage_common import StageDataConfig, add_stage_arguments, check_model_folder, run_cli, train_preset
+from .stage_common import StageDataConfig, add_stage_arguments, check_model_folder, run_cli
 
 ENCODER_MODEL_TYPE = "sepit_protein_encoder"
 
@@ -51,11 +51,6 @@ class Stage1JobConfig:
         check_range(self.encoder_lr_ratio, "encoder_lr_ratio", lo=0)
         check_range(self.llm_lr_ratio, "llm_lr_ratio", lo=0)
         check_range(self.max_answer_tokens, "max_answer_tokens", lo=1)
-
-
-def stage1_preset(name: str) -> dict[str, Any]:
-    answer = {"tiny": 96, "small": 256, "paper": 1024}[name]
-    return {"model": to_dict(SepitConfig.preset(name)), "train": train_preset(name, 1), "max_answer_tokens": answer}
 
 
 def prepare_tokenizer(model_cfg: SepitConfig, out_dir: Path) -> str:
@@ -133,4 +128,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_cli(args, "stage1", stage1_preset, Stage1JobConfig, run_stage1)
+    return run_cli(args, "stage1", run_stage1)

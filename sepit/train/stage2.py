@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from sepit.config.base import ConfigError, check_choice, check_range, to_dict
+from sepit.config.base import ConfigError, check_choice, check_range
 from sepit.models.moe import MoEConfig
 
 from .config import TrainConfig
@@ -28,7 +28,7 @@ from .deepspeed_config import check_zero_for_moe
 from .launch import run_training
 from .lineage import resolve_parent
 from .lm_task import LOSS_PER, InstructionTask
-from .stage_common import StageDataConfig, StageInitError, add_stage_arguments, check_model_folder, run_cli, train_preset
+from .stage_common import StageDataConfig, StageInitError, add_stage_arguments, check_model_folder, run_cli
 
 SEPIT_MODEL_TYPE = "sepit"
 
@@ -66,11 +66,6 @@ class Stage2JobConfig:
         check_choice(self.loss_per, "loss_per", LOSS_PER)
         if self.structure_dropout is not None:
             check_range(self.structure_dropout, "structure_dropout", lo=0, hi=1)
-
-
-def stage2_preset(name: str) -> dict[str, Any]:
-    answer = {"tiny": 96, "small": 256, "paper": 1024}[name]
-    return {"moe": to_dict(MoEConfig()), "train": train_preset(name, 2), "max_answer_tokens": answer}
 
 
 class Stage2Task(InstructionTask):
@@ -144,4 +139,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_cli(args, "stage2", stage2_preset, Stage2JobConfig, run_stage2)
+    return run_cli(args, "stage2", run_stage2)

@@ -4,7 +4,8 @@ Every trial is one stage-2 training run (:func:`sepit.train.stage2.run_stage2`) 
 same stage-1 model, with the trial's sampled values written into its stage-2 config.  The
 ``stage2`` section holds the stage-2 config shared by all trials (``Stage2JobConfig`` fields:
 ``init`` = the stage-1 folder or MLflow run id, ``data.dataset_dir``, ``train``, ``moe`` ...), on
-top of the stage-2 preset named by ``preset``; the sweep sets each trial's ``train.output_dir``
+top of the stage-2 section of the recipe named by ``preset`` (:mod:`sepit.config.recipes`, the
+same stage 2 that ``sepit stage2`` and ``sepit pipeline`` train); the sweep sets each trial's ``train.output_dir``
 (``<out>/trials/<trial_id>``), ``train.run_name``, ``train.tracking_uri`` and
 ``train.parent_run_id`` itself.
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from sepit.config.base import ConfigError, check_range, from_dict, load_yaml, merge, parse_overrides
+from sepit.config.base import ConfigError, check_range, from_dict, merge, to_dict
 
 from .space import PARAM_PATHS, SearchSpace, stage_overrides
 
@@ -36,9 +37,9 @@ MAX_VALIDATED_POINTS = 10_000
 class SweepConfig:
     out: str = "runs/sweep"
     """Output folder: trials/<trial_id>/ (each trial's stage-2 run), tune/ (Ray Tune state),
-    sweep_results.csv, best.json, sweep.md, sweep.yaml, mlflow.db (default store)."""
-    preset: Optional[Literal["tiny", "small", "paper"]] = None
-    """Stage-2 preset (sepit.train.stage2.stage2_preset) the ``stage2`` section goes on top of."""
+    sweep_results.csv, best.json, sweep.md, config.yaml, mlflow.db (default store)."""
+    preset: Literal["tiny", "small", "paper"] = "small"
+    """Recipe (sepit.config.recipes) whose stage-2 section the ``stage2`` section goes on top of."""
     stage2: dict[str, Any] = field(default_factory=dict)
     """Stage-2 config fields shared by all trials (``init`` is required; ``data.dataset_dir``)."""
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -101,12 +102,10 @@ class SweepConfig:
                               "every trial starts from")
 
     def stage2_dict(self) -> dict[str, Any]:
-        """The shared stage-2 config: preset <- ``stage2`` section."""
-        if not self.preset:
-            return dict(self.stage2)
-        from sepit.train.stage2 import stage2_preset
+        """The shared stage-2 config: the recipe's stage-2 section <- ``stage2`` section."""
+        from sepit.config.recipes import recipe
 
-        return merge(stage2_preset(self.preset), self.stage2)
+        return merge(to_dict(recipe(self.preset).stage2), self.stage2)
 
     @property
     def out_path(self) -> Path:
@@ -117,18 +116,13 @@ class SweepConfig:
         return self.space.grid_size() * self.num_samples
 
 
-def load_sweep_config(path: str | Path | None = None, overrides: list[str] = (),
-                      base: dict[str, Any] | None = None) -> SweepConfig:
-    """``base`` <- YAML file <- dotted overrides (``space.num_experts=[2,4]``) -> SweepConfig."""
-    data: dict[str, Any] = dict(base or {})
-    if path:
-        data = merge(data, load_yaml(path))
-    data = merge(data, parse_overrides(overrides))
+def prepare_sweep_data(data: dict[str, Any]) -> dict[str, Any]:
+    """The loader's hook (:func:`sepit.config.recipes.load`): ``space`` is built here, not by
+    from_dict, for an error that lists what can be searched."""
     space = data.get("space")
     if isinstance(space, dict):
-        # Built here (not by from_dict) for an error that lists what can be searched.
-        data["space"] = SearchSpace(**_space_kwargs(space))
-    return from_dict(SweepConfig, data)
+        data = dict(data, space=SearchSpace(**_space_kwargs(space)))
+    return data
 
 
 def _space_kwargs(space: dict[str, Any]) -> dict[str, Any]:

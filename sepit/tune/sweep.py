@@ -21,9 +21,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from sepit.config.base import ConfigError, to_dict
+from sepit.config.base import RUN_CONFIG, ConfigError, to_dict
 
-from .config import SweepConfig, load_sweep_config, local_cpus_needed, resolve_inputs, validate_sweep
+from .config import SweepConfig, local_cpus_needed, resolve_inputs, validate_sweep
 from .results import (METRIC_COLUMNS, attach_trial_files, best_record, best_row, sort_rows, summary_markdown,
                       trial_rows, write_csv)
 from .trial import run_trial
@@ -32,7 +32,6 @@ TUNE_DIR = "tune"
 RESULTS_CSV = "sweep_results.csv"
 BEST_JSON = "best.json"
 SUMMARY_MD = "sweep.md"
-CONFIG_YAML = "sweep.yaml"
 
 
 class SweepError(RuntimeError):
@@ -40,7 +39,7 @@ class SweepError(RuntimeError):
 
 
 def sweep_config_dict(cfg: SweepConfig) -> dict[str, Any]:
-    """The config as YAML-ready data that :func:`load_sweep_config` reads back."""
+    """The config as YAML-ready data that ``--config`` reads back."""
     data = to_dict(cfg)
     data["space"] = {name: {spec.kind: list(spec.values)} for name, spec in cfg.space.specs().items()
                      if "." not in name}
@@ -167,7 +166,7 @@ def _log_to_mlflow(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] |
         for k in METRIC_COLUMNS:
             if best.get(k) is not None:
                 mlflow.log_metric(f"best.{k}", best[k])
-    for name in (RESULTS_CSV, BEST_JSON, SUMMARY_MD, CONFIG_YAML):
+    for name in (RESULTS_CSV, BEST_JSON, SUMMARY_MD, RUN_CONFIG):
         mlflow.log_artifact(str(out / name))
 
 
@@ -185,7 +184,7 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict[str,
     cfg = resolve_inputs(cfg, uri)
     stages = validate_sweep(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_YAML).write_text(yaml.safe_dump(sweep_config_dict(cfg), sort_keys=False))
+    (out / RUN_CONFIG).write_text(yaml.safe_dump(sweep_config_dict(cfg), sort_keys=False))
     param_keys = list(cfg.space.specs())
     log(f"[sweep] {cfg.n_trials} trial(s) over {', '.join(f'{k}={s.describe()}' for k, s in cfg.space.specs().items())}; "
         f"{cfg.max_concurrent_trials} at a time; objective {cfg.metric} ({cfg.mode})")
@@ -222,9 +221,12 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict[str,
 
 # --------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from sepit.config.recipes import DEFAULT_PRESET, PRESETS
+
     parser.add_argument("--config", help="YAML file with SweepConfig fields (stage2, space, num_samples, ...)")
-    parser.add_argument("--preset", choices=("tiny", "small", "paper"),
-                        help="stage-2 preset the stage2 section goes on top of (= preset)")
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help=f"recipe whose stage-2 section the stage2 section goes on top of (= preset; "
+                        f"default: the config file's, else {DEFAULT_PRESET})")
     parser.add_argument("--init", help="stage-1 model folder or MLflow run id (= stage2.init)")
     parser.add_argument("--data", help="dataset folder from sepit build-dataset (= stage2.data.dataset_dir)")
     parser.add_argument("--out", help="output folder (default runs/sweep)")
@@ -234,13 +236,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    overrides = list(args.overrides)
-    for flag, key in (("preset", "preset"), ("init", "stage2.init"), ("data", "stage2.data.dataset_dir"),
-                      ("out", "out")):
-        value = getattr(args, flag)
-        if value:
-            overrides.append(f"{key}={value}")
-    return load_sweep_config(args.config, overrides)
+    from sepit.config.recipes import load
+
+    flags = {"preset": args.preset, "stage2.init": args.init, "stage2.data.dataset_dir": args.data, "out": args.out}
+    return load("sweep", args.preset, args.config, flags, args.overrides)
 
 
 def run(args: argparse.Namespace) -> int:
