@@ -35,7 +35,7 @@ set_local_defaults()
 
 import torch  # noqa: E402
 
-from sepit.config.base import load_config  # noqa: E402
+from sepit.config.recipes import load  # noqa: E402
 
 
 def build_dataset(out: Path) -> Path:
@@ -128,18 +128,16 @@ def moe_vs_dense(stage1_model: Path, data: Path, batches: int = 6, micro_batch: 
 
 
 def run_chain(data: Path, out: Path, preset: str, steps: int, workers: int) -> dict[str, Path]:
-    from sepit.train.stage0 import Stage0JobConfig, run_stage0, stage0_preset
-    from sepit.train.stage1 import Stage1JobConfig, run_stage1, stage1_preset
-    from sepit.train.stage2 import Stage2JobConfig, run_stage2, stage2_preset
+    from sepit.train.stage0 import run_stage0
+    from sepit.train.stage1 import run_stage1
+    from sepit.train.stage2 import run_stage2
 
     common = [f"data.dataset_dir={data}", f"train.max_steps={steps}", f"train.num_workers={workers}",
               "train.cpus_per_worker=1", f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
     dirs = {n: out / f"w{workers}" / f"stage{n}" for n in range(3)}
-    run_stage0(load_config(Stage0JobConfig, overrides=[*common, f"train.output_dir={dirs[0]}"], base=stage0_preset(preset)))
-    run_stage1(load_config(Stage1JobConfig, overrides=[*common, f"train.output_dir={dirs[1]}", f"init={dirs[0]}"],
-                           base=stage1_preset(preset)))
-    run_stage2(load_config(Stage2JobConfig, overrides=[*common, f"train.output_dir={dirs[2]}", f"init={dirs[1]}"],
-                           base=stage2_preset(preset)))
+    run_stage0(load("stage0", preset, overrides=[*common, f"train.output_dir={dirs[0]}"]))
+    run_stage1(load("stage1", preset, overrides=[*common, f"train.output_dir={dirs[1]}", f"init={dirs[0]}"]))
+    run_stage2(load("stage2", preset, overrides=[*common, f"train.output_dir={dirs[2]}", f"init={dirs[1]}"]))
     return dirs
 
 
@@ -183,15 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             chains[w] = {n: out / f"w{w}" / f"stage{n}" for n in range(3)}
         else:
             chains[w] = run_chain(data, out, args.preset, args.steps, w)
-    from sepit.train.stage0 import Stage0JobConfig, Stage0Task, stage0_preset
-    from sepit.train.stage1 import Stage1JobConfig, Stage1Task, stage1_preset
+    from sepit.train.stage0 import Stage0Task
+    from sepit.train.stage1 import Stage1Task
 
-    cfg0 = load_config(Stage0JobConfig, base=stage0_preset(args.preset))
-    cfg1 = load_config(Stage1JobConfig, base=stage1_preset(args.preset))
+    cfg0 = load("stage0", args.preset)
+    cfg1 = load("stage1", args.preset)
     first = chains[args.workers[0]]
-    from sepit.train.stage2 import Stage2JobConfig, Stage2Task, stage2_preset
+    from sepit.train.stage2 import Stage2Task
 
-    cfg2 = load_config(Stage2JobConfig, overrides=[f"init={first[1]}"], base=stage2_preset(args.preset))
+    cfg2 = load("stage2", args.preset, overrides=[f"init={first[1]}"])
     fpt = {
         0: flops_per_token(Stage0Task(cfg0), sample_rows(data, 0, 32)),
         1: flops_per_token(Stage1Task(cfg1, str(first[1] / "tokenizer")), sample_rows(data, 1, 32)),

@@ -111,17 +111,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def build_stage_model(stage: int, preset: str):
     """(model, optimizer groups) of a stage at ``preset`` sizes, random weights, on CPU."""
-    from sepit.config.base import from_dict
+    from sepit.config.recipes import recipe
 
     if stage == 0:
-        from sepit.models.stage0 import ProteinTextCLIP, Stage0Config
-        from sepit.train.stage0 import stage0_preset
+        from sepit.models.stage0 import ProteinTextCLIP
 
-        model = ProteinTextCLIP(from_dict(Stage0Config, stage0_preset(preset)["model"]))
+        model = ProteinTextCLIP(recipe(preset).stage0.model)
         return model, model.param_groups(base_lr=1e-6)
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.sepit_lm import SepitForConditionalGeneration
 
-    model = SepitForConditionalGeneration(SepitConfig.preset(preset))
+    model = SepitForConditionalGeneration(recipe(preset).stage1.model)
     if stage == 2:
         from sepit.models.moe import upcycle_to_moe
 

@@ -264,8 +264,7 @@ def test_every_named_job_accepts_its_arguments():
             from sepit.train.stage_common import config_from_args
 
             stage = module.__name__.rsplit(".", 1)[1]
-            config = config_from_args(args, getattr(module, f"{stage}_preset"),
-                                      getattr(module, f"{stage.capitalize()}JobConfig"))
+            config = config_from_args(args, stage)
             assert config.train.output_dir == args.out
         checked += 1
     assert checked >= 5

@@ -84,10 +84,9 @@ def test_folders_round_trip_and_errors_name_the_uri(s3, tmp_path):
 
 
 def _stage1_config(tmp: Path, tokenizer: str, max_steps: int):
-    from sepit.config.base import load_config
-    from sepit.train.stage1 import Stage1JobConfig, stage1_preset
+    from sepit.config.recipes import load
 
-    return load_config(Stage1JobConfig, base=stage1_preset("tiny"), overrides=[
+    return load("stage1", "tiny", overrides=[
         f"train.output_dir=s3://{BUCKET}/run", f"data.dataset_dir=s3://{BUCKET}/data",
         f"model.tokenizer_path={tokenizer}", f"train.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         f"train.max_steps={max_steps}", "train.checkpoint_every=2", "train.eval_every=2",

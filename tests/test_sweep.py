@@ -19,7 +19,8 @@ import pytest
 
 from sepit.cli import main as cli_main
 from sepit.config.base import ConfigError
-from sepit.tune.config import SweepConfig, load_sweep_config, resolve_inputs, validate_sweep
+from sepit.config.recipes import load
+from sepit.tune.config import SweepConfig, resolve_inputs, validate_sweep
 from sepit.tune.results import best_row, sort_rows
 from sepit.tune.space import ParamSpec, SearchSpace, stage_overrides
 
@@ -62,15 +63,15 @@ def test_param_spec_rejects_with_reason(raw, integer, message):
     assert "space.x" in str(info.value)
 
 
-def test_load_sweep_config_names_unknown_parameters_and_requires_init():
+def test_sweep_config_names_unknown_parameters_and_requires_init():
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['experts'\]"):
-        load_sweep_config(None, ["stage2.init=/m", "space.experts=[2,4]"])
+        load("sweep", overrides=["stage2.init=/m", "space.experts=[2,4]"])
     with pytest.raises(ConfigError, match="stage2.init is required"):
-        load_sweep_config(None, ["space.num_experts=[2,4]"])
-    cfg = load_sweep_config(None, ["stage2.init=/m", "space.num_experts=[2,4]", "space.lr={loguniform: [1e-5, 1e-3]}",
+        load("sweep", overrides=["space.num_experts=[2,4]"])
+    cfg = load("sweep", overrides=["stage2.init=/m", "space.num_experts=[2,4]", "space.lr={loguniform: [1e-5, 1e-3]}",
                                    "num_samples=2", "preset=tiny"])
     assert cfg.n_trials == 4 and cfg.space.lr.kind == "loguniform"
-    assert cfg.stage2_dict()["train"]["max_steps"] == 40  # the tiny stage-2 preset underneath
+    assert cfg.stage2_dict()["train"]["max_steps"] == 20  # the tiny recipe's stage 2 underneath
 
 
 # --------------------------------------------------------------------------- validation before Ray
