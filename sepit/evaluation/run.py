@@ -2,9 +2,11 @@
 
     sepit evaluate --model RUN/model --data DATA --split stage2/test --out EVAL
 
-Writes ``EVAL/predictions.jsonl`` (resumable), the sequence-only ablation and comparison-model
-predictions under ``EVAL/ablations/``, baseline predictions under ``EVAL/baselines/``,
-``EVAL/metrics.json``, ``EVAL/report.md``, ``EVAL/plots/*.png``, and one MLflow run tagged with
+The config is the ``evaluate`` section of a preset recipe (``--preset``, default small:
+sample size, generation and bootstrap settings; :mod:`sepit.config.recipes`) under the flags.
+Writes ``EVAL/config.yaml`` (the resolved config), ``EVAL/predictions.jsonl`` (resumable), the
+sequence-only ablation and comparison-model predictions under ``EVAL/ablations/``, baseline
+predictions under ``EVAL/baselines/``, ``EVAL/metrics.json``, ``EVAL/report.md``, ``EVAL/plots/*.png``, and one MLflow run tagged with
 the model's own run id (from its ``lineage.json``).  :func:`evaluate` is the Python entry point
 the pipeline calls.
 """
