@@ -1,5 +1,5 @@
 """Tiny SEPIT language models for tests: a model and its processor, built as stage 1 builds them
-(the tokenizer from ``sepit.train.stage1.build_tokenizer``, the model from its ids and size)."""
+(``sepit.train.stage1.initial_model``), saved and loaded as the stages export them."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from sepit.processing import SepitProcessor
 
 def build_lm(cfg: SepitConfig | None = None, tokenizer=None) -> tuple[SepitForConditionalGeneration, SepitProcessor]:
     """(model, processor) for ``cfg`` (default: the tiny preset); ``tokenizer`` defaults to stage 1's."""
-    from sepit.train.stage1 import build_tokenizer
+    from sepit.train.stage1 import initial_model
 
-    cfg = cfg or SepitConfig.preset("tiny")
-    processor = SepitProcessor.for_model(tokenizer if tokenizer is not None else build_tokenizer(cfg), cfg)
-    return SepitForConditionalGeneration(cfg, processor.token_ids, processor.vocab_size), processor
+    return initial_model(cfg or SepitConfig.preset("tiny"), tokenizer)
 
 
 def save_lm(model: SepitForConditionalGeneration, processor: SepitProcessor, folder: str | Path) -> Path:

@@ -101,6 +101,17 @@ def build_tokenizer(model_cfg: SepitConfig, out_dir: str | Path | None = None):
                                model_max_length=model_cfg.llm.max_position_embeddings)
 
 
+def initial_model(model_cfg: SepitConfig, tokenizer=None):
+    """``(model, processor)`` as stage 1 starts from them: the model built from ``model_cfg``
+    (random weights unless it names encoder / LLM folders) for ``tokenizer`` (default:
+    :func:`build_tokenizer`), and the processor that feeds it.  Benchmarks and tests use it too."""
+    from sepit.models.sepit_lm import SepitForConditionalGeneration
+    from sepit.processing import SepitProcessor
+
+    processor = SepitProcessor.for_model(tokenizer if tokenizer is not None else build_tokenizer(model_cfg), model_cfg)
+    return SepitForConditionalGeneration(model_cfg, processor.token_ids, processor.vocab_size), processor
+
+
 def prepare_tokenizer(model_cfg: SepitConfig, out_dir: Path) -> str:
     """The LLM tokenizer folder the workers load.
 
