@@ -1,6 +1,6 @@
 """Generation throughput: in-process batch 1/8/32, and ``sepit evaluate`` with 1 and 2 replicas.
 
-``--engine direct`` (default) measures the model alone: ``generate_ids`` on the same real
+``--engine direct`` (default) measures the model alone: ``model.generate`` on the same real
 questions and proteins at each batch size, in one process with ``--threads`` torch threads, the
 batch sizes interleaved over ``--repeats`` rounds (so drifts of a shared machine hit them alike).
 It reports wall and CPU-time tokens/s (median over rounds) and their ratios to batch 1, a phase
@@ -52,10 +52,14 @@ def build_model(preset: str, out: Path) -> Path:
     """A random-init SEPIT model of ``preset`` sizes, saved as a model folder."""
     import torch
 
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.sepit_lm import SepitConfig
+    from sepit.train.stage1 import initial_model
 
     torch.manual_seed(0)
-    return SepitForConditionalGeneration(SepitConfig.preset(preset)).eval().save_pretrained(out / f"{preset}_model")
+    model, processor = initial_model(SepitConfig.preset(preset))
+    folder = model.eval().save_pretrained(out / f"{preset}_model")
+    processor.save_pretrained(folder)
+    return folder
 
 
 def workload(n: int, max_residues: int) -> list[dict]:
@@ -95,20 +99,19 @@ def uptime() -> str:
         return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def phase_profile(model, rows, batch: int, max_new_tokens: int) -> dict:
+def phase_profile(model, processor, rows, batch: int, max_new_tokens: int) -> dict:
     """Per-row milliseconds (CPU time) of each generation phase for one batch of ``batch`` rows."""
     import torch
 
-    from sepit.data.prompts import encode_prompt
     from sepit.models.generation import DecodeBatch
 
     qs, ps = [r["question"] for r in rows[:batch]], [(r["sequence"], None, None) for r in rows[:batch]]
     clock = time.process_time
     with torch.no_grad():
         t0 = clock()
-        ids = [encode_prompt(model.tokenizer, q) for q in qs]
+        ids = [processor.encode_prompt(q) for q in qs]
         t1 = clock()
-        s = model.build_generation_inputs(qs, ps, prompt_ids=ids)
+        s = model.build_generation_inputs(**processor.generation_inputs(qs, ps, prompt_ids=ids))
         t2 = clock()
         b = DecodeBatch.prefill(model, model.llm, s.inputs_embeds, s.attention_mask, s.position_ids, max_new_tokens)
         t3 = clock()
@@ -128,23 +131,28 @@ def run_direct(args) -> int:
     import torch
 
     from sepit.models.sepit_lm import SepitForConditionalGeneration
+    from sepit.processing import SepitProcessor
 
     torch.set_num_threads(args.threads)
     before = uptime()
     if args.model:
         model = SepitForConditionalGeneration.from_pretrained(args.model).eval()
+        processor = SepitProcessor.from_pretrained(args.model)
     else:
         from sepit.models.sepit_lm import SepitConfig
+        from sepit.train.stage1 import initial_model
 
         torch.manual_seed(0)
-        model = SepitForConditionalGeneration(SepitConfig.preset(args.preset)).eval()
+        model, processor = initial_model(SepitConfig.preset(args.preset))
+        model.eval()
     rows = workload(args.rows, args.max_residues)
     qs, ps = [r["question"] for r in rows], [(r["sequence"], None, None) for r in rows]
 
     def measure(batch: int) -> tuple[float, float, int]:
         wall, cpu, tokens = time.perf_counter(), time.process_time(), 0
         for i in range(0, len(rows), batch):
-            out = model.generate_ids(qs[i:i + batch], ps[i:i + batch], max_new_tokens=args.max_new_tokens)
+            out = model.generate(**processor.generation_inputs(qs[i:i + batch], ps[i:i + batch]),
+                                 max_new_tokens=args.max_new_tokens)
             tokens += sum(len(r) for r in out)
         return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu), tokens
 
@@ -165,7 +173,7 @@ def run_direct(args) -> int:
     for r in results:
         r["wall_ratio_vs_first"] = round(r["wall_tokens_per_s"] / base["wall_tokens_per_s"], 2)
         r["cpu_ratio_vs_first"] = round(r["cpu_tokens_per_s"] / base["cpu_tokens_per_s"], 2)
-    phases = [phase_profile(model, rows, b, args.max_new_tokens) for b in (min(args.batch_sizes), max(args.batch_sizes))]
+    phases = [phase_profile(model, processor, rows, b, args.max_new_tokens) for b in (min(args.batch_sizes), max(args.batch_sizes))]
     print("\nbatch  tok/s(wall)  x(b1)  tok/s(cpu)  x(b1)")
     for r in results:
         print(f"{r['batch_size']:>5}  {r['wall_tokens_per_s']:>11}  {r['wall_ratio_vs_first']:>5}  "
@@ -197,7 +205,7 @@ def main() -> int:
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: enough for the pool)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--engine", choices=["direct", "ray"], default="direct",
-                   help="direct: generate_ids in this process; ray: sepit evaluate's Ray Data actor pool")
+                   help="direct: model.generate in this process; ray: sepit evaluate's Ray Data actor pool")
     p.add_argument("--threads", type=int, default=1, help="torch threads (direct engine)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per batch size (direct engine)")
     args = p.parse_args()

@@ -26,10 +26,12 @@ from pathlib import Path
 def _tiny_model(root: Path) -> Path:
     import torch
 
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.sepit_lm import SepitConfig
+    from sepit.train.stage1 import initial_model
 
     torch.manual_seed(0)
-    return SepitForConditionalGeneration(SepitConfig.preset("tiny")).save_pretrained(root / "model")
+    model, processor = initial_model(SepitConfig.preset("tiny"))
+    return processor.save_pretrained(model.save_pretrained(root / "model"))
 
 
 def _round(model_dir: Path, uri: str, name: str) -> dict[str, float]:

@@ -72,10 +72,13 @@ def load_workload(max_residues: int, n: int) -> list[dict]:
 
 
 def build_model(preset: str, out_dir: Path) -> str:
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.sepit_lm import SepitConfig
+    from sepit.train.stage1 import initial_model
 
-    model = SepitForConditionalGeneration(SepitConfig.preset(preset))
-    return str(model.save_pretrained(out_dir / f"{preset}-random"))
+    model, processor = initial_model(SepitConfig.preset(preset))
+    folder = model.save_pretrained(out_dir / f"{preset}-random")
+    processor.save_pretrained(folder)
+    return str(folder)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -69,21 +69,21 @@ def synthetic_proteins(batch: int, residues: int, seed: int = 0) -> list[tuple]:
     return out
 
 
-def instruction_batch(model, batch: int, residues: int, llm_tokens: int, seed: int = 0) -> dict:
+def instruction_batch(model, processor, batch: int, residues: int, llm_tokens: int, seed: int = 0) -> dict:
     """A stage-1/2 batch whose spliced sequence is exactly ``llm_tokens`` long: the real prompt,
     then random non-special answer tokens as labels."""
-    from sepit.data.prompts import IGNORE_INDEX, encode_prompt
+    from sepit.data.prompts import IGNORE_INDEX
     from sepit.models.protein_batch import collate_proteins
 
-    prompt = encode_prompt(model.tokenizer, "What is the function of <protein>?")
+    prompt = processor.encode_prompt("What is the function of <protein>?")
     answer_len = llm_tokens - (len(prompt) - 1) - (residues + 2)
     if answer_len < 1:
         raise ValueError(f"llm_tokens={llm_tokens} leaves no room for an answer after {residues} residues")
     g = torch.Generator().manual_seed(seed)
-    vocab = len(model.tokenizer)
-    ids_ = model.token_ids  # <pad>, <bop>, <protein>, <eop>, bos, eos
+    vocab = processor.vocab_size
+    ids_ = processor.token_ids  # <pad>, <bop>, <protein>, <eop>, bos, eos
     reserved = {ids_.pad, ids_.bop, ids_.protein, ids_.eop, ids_.eos, ids_.bos} - {None}
-    special = torch.tensor(sorted(reserved | set(model.tokenizer.all_special_ids)))
+    special = torch.tensor(sorted(reserved | set(processor.tokenizer.all_special_ids)))
     answers = torch.randint(0, vocab, (batch, answer_len), generator=g)
     plain = next(i for i in range(vocab) if i not in set(special.tolist()))
     answers[torch.isin(answers, special)] = plain  # no <protein>/<pad>/eos inside an answer
@@ -110,23 +110,24 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def build_stage_model(stage: int, preset: str):
-    """(model, optimizer groups) of a stage at ``preset`` sizes, random weights, on CPU."""
+    """(model, optimizer groups, SepitProcessor or None for stage 0) of a stage at ``preset`` sizes,
+    random weights, on CPU."""
     from sepit.config.recipes import recipe
 
     if stage == 0:
         from sepit.models.stage0 import ProteinTextCLIP
 
         model = ProteinTextCLIP(recipe(preset).stage0.model)
-        return model, model.param_groups(base_lr=1e-6)
-    from sepit.models.sepit_lm import SepitForConditionalGeneration
+        return model, model.param_groups(base_lr=1e-6), None
+    from sepit.train.stage1 import initial_model
 
-    model = SepitForConditionalGeneration(recipe(preset).stage1.model)
+    model, processor = initial_model(recipe(preset).stage1.model)
     if stage == 2:
         from sepit.models.moe import upcycle_to_moe
 
         model.freeze(encoder=True)
         upcycle_to_moe(model, num_experts=4, use_deepspeed=True)
-    return model, model.param_groups(base_lr=2e-5)
+    return model, model.param_groups(base_lr=2e-5), processor
 
 
 def flops_per_step(plan, stage: int) -> float:
@@ -166,7 +167,7 @@ def run_stage(stage: int, args, device: torch.device) -> dict:
     from sepit.train.config import TrainConfig
     from sepit.train.deepspeed_config import build_deepspeed_config
 
-    model, groups = build_stage_model(stage, args.preset)
+    model, groups, processor = build_stage_model(stage, args.preset)
     vocab = None if stage == 0 else model.llm.get_input_embeddings().num_embeddings
     micro = args.micro_batch
     while True:
@@ -175,7 +176,7 @@ def run_stage(stage: int, args, device: torch.device) -> dict:
         s = plan.shapes
         residues = s.encoder_tokens - 2
         batch = (stage0_batch(model, s.micro_batch, residues, s.text_tokens) if stage == 0
-                 else instruction_batch(model, s.micro_batch, residues, s.llm_tokens))
+                 else instruction_batch(model, processor, s.micro_batch, residues, s.llm_tokens))
         cfg = TrainConfig(micro_batch_size=s.micro_batch, zero_stage=2, precision="bf16", device="cuda")
         if stage == 2:
             from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -206,7 +207,7 @@ def run_stage(stage: int, args, device: torch.device) -> dict:
                 raise
             micro = max(1, (micro or s.micro_batch) // 2)
             print(f"  stage {stage}: out of memory, retrying with micro-batch {micro}")
-            model, groups = build_stage_model(stage, args.preset)
+            model, groups, processor = build_stage_model(stage, args.preset)
     step = sorted(times)[len(times) // 2]
     tokens = s.micro_batch * (s.encoder_tokens if stage == 0 else s.llm_tokens)
     peak = torch.cuda.max_memory_allocated()
@@ -224,14 +225,14 @@ def run_stage(stage: int, args, device: torch.device) -> dict:
     print(f"  peak memory {peak / GIB:.2f} GiB measured vs {estimate / GIB:.2f} GiB planned "
           f"(ratio {estimate / peak:.2f}: {verdict} ±{PLAN_MARGIN:.0%})")
     if stage == 2 and args.generate:
-        result["generation"] = generate(engine.module, device)
+        result["generation"] = generate(engine.module, processor, device)
     del engine, optimizer, model, batch, out
     gc.collect()
     torch.cuda.empty_cache()
     return result
 
 
-def generate(model, device: torch.device, new_tokens: int = 64, batch: int = 8) -> dict:
+def generate(model, processor, device: torch.device, new_tokens: int = 64, batch: int = 8) -> dict:
     """Greedy decoding from the exported (plain-PyTorch MoE) stage-2 model in bf16."""
     from sepit.models.moe import export_for_inference
 
@@ -239,10 +240,10 @@ def generate(model, device: torch.device, new_tokens: int = 64, batch: int = 8) 
     model.eval()
     proteins = synthetic_proteins(batch, 300, seed=1)
     questions = ["What is the function of <protein>?"] * batch
-    model.generate_ids(questions[:1], proteins[:1], max_new_tokens=4)  # warm-up
+    model.generate(**processor.generation_inputs(questions[:1], proteins[:1]), max_new_tokens=4)  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    ids = model.generate_ids(questions, proteins, max_new_tokens=new_tokens)
+    ids = model.generate(**processor.generation_inputs(questions, proteins), max_new_tokens=new_tokens)
     torch.cuda.synchronize()
     took = time.perf_counter() - t0
     n = sum(len(r) for r in ids)

@@ -29,7 +29,7 @@ def _closed_rows(test: list[dict], n: int, seed: int) -> list[dict]:
     return rows[:n]
 
 
-def likelihood_accuracy(model, rows: list[dict]) -> dict[str, float]:
+def likelihood_accuracy(model, processor, rows: list[dict]) -> dict[str, float]:
     """Per closed-set task, the share of rows whose most likely option is the gold one (scored
     exactly as `sepit evaluate` scores them: options, then the gold answer read afterwards)."""
     from sepit.evaluation.answer_parsing import gold_letter, normalize_yes_no
@@ -43,8 +43,8 @@ def likelihood_accuracy(model, rows: list[dict]) -> dict[str, float]:
         if not rs:
             continue
         opts = [closed_set_options(task, r.get("choices")) for r in rs]
-        scores = score_options(model, [r["question"] for r in rs], [(r["sequence"], r["coords"], r["coord_mask"]) for r in rs],
-                               opts, max_rows=48, truncate=True)
+        scores = score_options(model, processor, [r["question"] for r in rs],
+                               [(r["sequence"], r["coords"], r["coord_mask"]) for r in rs], opts, max_rows=48, truncate=True)
         correct = 0.0
         for r, sc in zip(rs, scores):
             rec = PredictionRecord(r["id"], task, r.get("category") or "other", r["question"], r["answer"], "",
@@ -74,9 +74,9 @@ def run_probe(args: argparse.Namespace) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from sepit.data.prompts import IGNORE_INDEX, encode_example
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.sepit_lm import SepitConfig
     from sepit.train.lm_task import example_mean_lm_loss
+    from sepit.train.stage1 import initial_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -85,8 +85,9 @@ def run_probe(args: argparse.Namespace) -> dict:
     test = pq.read_table(data / "stage2" / "test.parquet").to_pylist()
     rows = _closed_rows(test, args.eval_rows, args.seed)
     baseline = majority_accuracy(train, rows)
-    model = SepitForConditionalGeneration(SepitConfig.preset(args.preset))
-    model.config.crop_residues = args.max_residues
+    cfg = SepitConfig.preset(args.preset)
+    cfg.crop_residues = args.max_residues
+    model, processor = initial_model(cfg)
     model.freeze(encoder=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -98,16 +99,10 @@ def run_probe(args: argparse.Namespace) -> dict:
     model.train()
     for step in range(1, args.steps + 1):
         batch = rng.sample(train, args.batch)
-        exs = [encode_example(model.tokenizer, r["question"], r["answer"]) for r in batch]
-        width = max(len(e["input_ids"]) for e in exs)
-        ids = torch.full((len(exs), width), model.token_ids.pad)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        mask = torch.zeros_like(ids)
-        for b, e in enumerate(exs):
-            n = len(e["input_ids"])
-            ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        protein = model.collate_for_inference([(r["sequence"], r["coords"], r["coord_mask"]) for r in batch], True)
-        out = model(ids, mask, protein, labels=labels)
+        exs = [processor.encode_example(r["question"], r["answer"]) for r in batch]
+        rows_ = processor.pad([e["input_ids"] for e in exs], labels=[e["labels"] for e in exs])
+        protein = processor.protein_batch([(r["sequence"], r["coords"], r["coord_mask"]) for r in batch], True)
+        out = model(rows_["input_ids"], rows_["attention_mask"], protein, labels=rows_["labels"])
         loss = example_mean_lm_loss(out.logits, out.labels) if args.loss_per == "example" else out.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -116,7 +111,7 @@ def run_probe(args: argparse.Namespace) -> dict:
         opt.zero_grad()
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
-            acc = likelihood_accuracy(model, rows)
+            acc = likelihood_accuracy(model, processor, rows)
             model.train()
             point = {"step": step, "examples": step * args.batch, "loss": float(loss.detach()),
                      "seconds_per_step": (time.time() - t0) / step, **{f"{k}_likelihood": v for k, v in acc.items()}}

@@ -74,20 +74,21 @@ def models(tmp_path_factory) -> tuple[Path, Path, str, str]:
     """A tiny dense model with a lineage.json naming its (real, local) MLflow run, and its MoE upcycle."""
     import torch
 
+    from lm_support import build_lm, save_lm
+
     from sepit.models.moe import upcycle_to_moe
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
     from sepit.tracking import start_run
 
     tmp = tmp_path_factory.mktemp("models")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     torch.manual_seed(0)
-    model = SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()
-    dense = model.save_pretrained(tmp / "stage1")
+    model, processor = build_lm()
+    dense = save_lm(model.eval(), processor, tmp / "stage1")
     with start_run("stage1", tracking_uri=uri) as run:
         run_id = run.info.run_id
     (dense / "lineage.json").write_text(json.dumps({"stage": "stage1", "mlflow_run_id": run_id, "tracking_uri": uri}))
     upcycle_to_moe(model, num_experts=2, top_k=1, use_deepspeed=False)
-    moe = model.save_pretrained(tmp / "stage2")
+    moe = save_lm(model, processor, tmp / "stage2")
     return dense, moe, uri, run_id
 
 

@@ -13,16 +13,31 @@ SEQS = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MSDNGPQ", "MAHHHHHHVDDDDKMLLLWWPPQ
 
 
 @pytest.fixture(scope="module")
-def model():
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+def lm():
+    from lm_support import build_lm
 
     torch.manual_seed(0)
-    return SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()
+    model, processor = build_lm()
+    return model.eval(), processor
 
 
-def _alone(model, i: int, steps: int) -> list[int]:
+@pytest.fixture(scope="module")
+def model(lm):
+    return lm[0]
+
+
+@pytest.fixture(scope="module")
+def processor(lm):
+    return lm[1]
+
+
+def _inputs(processor, idx: list[int]) -> dict:
+    return processor.generation_inputs([QUESTIONS[i] for i in idx], [(SEQS[i], None, None) for i in idx])
+
+
+def _alone(model, processor, i: int, steps: int) -> list[int]:
     """Greedy tokens of prompt i decoded on its own (no eos cut: raw argmax sequence)."""
-    s = model.build_generation_inputs([QUESTIONS[i]], [(SEQS[i], None, None)])
+    s = model.build_generation_inputs(**_inputs(processor, [i]))
     b = DecodeBatch.prefill(model, model.llm, s.inputs_embeds, s.attention_mask, s.position_ids, steps)
     out = []
     for _ in range(steps):
@@ -33,12 +48,12 @@ def _alone(model, i: int, steps: int) -> list[int]:
 
 
 @torch.inference_mode()
-def test_rows_joining_and_leaving_decode_as_they_would_alone(model):
+def test_rows_joining_and_leaving_decode_as_they_would_alone(model, processor):
     steps = 10
-    expected = [_alone(model, i, steps) for i in range(4)]
+    expected = [_alone(model, processor, i, steps) for i in range(4)]
 
     def prefill(idx):
-        s = model.build_generation_inputs([QUESTIONS[i] for i in idx], [(SEQS[i], None, None) for i in idx])
+        s = model.build_generation_inputs(**_inputs(processor, idx))
         return DecodeBatch.prefill(model, model.llm, s.inputs_embeds, s.attention_mask, s.position_ids, 4)
 
     # Rows 0 and 2 start; row 3 joins after 3 steps, row 1 after 5; row 2 leaves after 6 tokens.
@@ -84,9 +99,9 @@ def test_preallocated_layer_writes_in_place_and_grows():
     assert layer.get_seq_length() == 70 and layer.keys.shape[2] == 70
 
 
-def test_generate_ids_stops_rows_at_eos_and_keeps_greedy_answers(model):
-    ids = model.generate_ids(QUESTIONS, [(s, None, None) for s in SEQS], max_new_tokens=10)
+def test_generate_stops_rows_at_eos_and_keeps_greedy_answers(model, processor):
+    ids = model.generate(**_inputs(processor, list(range(len(QUESTIONS)))), max_new_tokens=10)
     for i, row in enumerate(ids):
-        alone = _alone(model, i, 10)
+        alone = _alone(model, processor, i, 10)
         cut = alone.index(model.token_ids.eos) if model.token_ids.eos in alone else len(alone)
         assert row == alone[:cut]

@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from sepit.data.prompts import encode_answer
+from lm_support import build_lm, save_lm
+
 from sepit.evaluation.generate import GenerationTask, ModelReplica, replica_item
 from sepit.evaluation.likelihood import OptionScores, closed_set_options, score_options, sequence_logprobs
 from sepit.evaluation.predictions import PredictionRecord
 from sepit.evaluation.scoring import RecordScorer, likelihood_outcome
-from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration  # noqa: F401
+from sepit.models.sepit_lm import SepitForConditionalGeneration
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,9 +30,20 @@ MC_QUESTION = ("Where is <protein> located?\nOptions:\n"
 
 
 @pytest.fixture(scope="module")
-def model():
+def lm():
     torch.manual_seed(0)
-    return SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()
+    model, processor = build_lm()
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def model(lm):
+    return lm[0]
+
+
+@pytest.fixture(scope="module")
+def processor(lm):
+    return lm[1]
 
 
 def _hand_set(model, bias: torch.Tensor) -> SepitForConditionalGeneration:
@@ -65,47 +77,47 @@ def test_best_sum_vs_length_normalised():
     assert OptionScores(["Yes", "No"], [-1.0, -1.0], [2, 2]).best() == 0  # ties: first listed
 
 
-def test_hand_set_logits_choose_the_most_likely_option(model):
+def test_hand_set_logits_choose_the_most_likely_option(model, processor):
     options = closed_set_options("multiple_choice", MC_CHOICES)
     assert options == ["A) Cytoplasm", "B) Nucleus", "C) Cell membrane", "D) Mitochondrion matrix"]
     vocab = model.llm.get_input_embeddings().num_embeddings
     # Favour the tokens of option C's text: it must win, and the scorer must equal the hand sum.
     bias = torch.zeros(vocab)
-    favoured = encode_answer(model.tokenizer, options[2])[:-1]
+    favoured = processor.encode_answer(options[2])[:-1]
     bias[torch.tensor(favoured)] = 4.0
     hand = _hand_set(model, bias)
     logp = torch.log_softmax(bias, 0)
-    expected = [float(sum(logp[t] for t in encode_answer(model.tokenizer, o))) for o in options]
+    expected = [float(sum(logp[t] for t in processor.encode_answer(o))) for o in options]
     assert int(np.argmax(expected)) == 2
     for coords in (None, torch.cumsum(torch.randn(len(SEQS[0]), 3), 0).numpy()):
         protein = (SEQS[0], coords, None if coords is None else np.ones(len(SEQS[0]), bool))
-        [sc] = score_options(hand, [MC_QUESTION], [protein], [options])
+        [sc] = score_options(hand, processor, [MC_QUESTION], [protein], [options])
         assert sc.logprob == pytest.approx(expected, abs=1e-3)
-        assert sc.n_tokens == [len(encode_answer(model.tokenizer, o)) for o in options]
+        assert sc.n_tokens == [len(processor.encode_answer(o)) for o in options]
         assert sc.best() == 2
     # Favour "No": yes/no follows.
     bias = torch.zeros(vocab)
-    bias[torch.tensor(encode_answer(model.tokenizer, "No")[:-1])] = 3.0
-    [sc] = score_options(_hand_set(model, bias), ["Is <protein> an enzyme?"], [(SEQS[1], None, None)],
+    bias[torch.tensor(processor.encode_answer("No")[:-1])] = 3.0
+    [sc] = score_options(_hand_set(model, bias), processor, ["Is <protein> an enzyme?"], [(SEQS[1], None, None)],
                          [closed_set_options("yes_no", None)])
     assert sc.options == ["Yes", "No"] and sc.best() == 1 and sc.best(normalised=True) == 1
 
 
-def test_batched_scores_equal_one_option_at_a_time(model):
+def test_batched_scores_equal_one_option_at_a_time(model, processor):
     questions = [MC_QUESTION, "Is <protein> an enzyme?", "Is <protein> found in the nucleus?"]
     proteins = [(SEQS[0], None, None), (SEQS[1], None, None), (SEQS[0], None, None)]
     options = [closed_set_options("multiple_choice", MC_CHOICES), ["Yes", "No"], ["Yes", "No"]]
-    batched = score_options(model, questions, proteins, options, max_rows=5)  # chunks cut across questions
+    batched = score_options(model, processor, questions, proteins, options, max_rows=5)  # chunks cut across questions
     for q, p, opts, sc in zip(questions, proteins, options, batched):
         for k, opt in enumerate(opts):
-            one = score_options(model, [q], [p], [[opt, opt]], max_rows=1)[0]  # alone, unpadded
+            one = score_options(model, processor, [q], [p], [[opt, opt]], max_rows=1)[0]  # alone, unpadded
             assert one.logprob == pytest.approx([sc.logprob[k]] * 2, abs=1e-4)
     with pytest.raises(ValueError, match="two options"):
-        score_options(model, ["Is <protein> an enzyme?"], [(SEQS[1], None, None)], [["Yes"]])
+        score_options(model, processor, ["Is <protein> an enzyme?"], [(SEQS[1], None, None)], [["Yes"]])
 
 
-def test_gold_answer_never_reaches_the_replica(model, tmp_path):
-    model.save_pretrained(tmp_path / "m")
+def test_gold_answer_never_reaches_the_replica(model, processor, tmp_path):
+    save_lm(model, processor, tmp_path / "m")
     replica = ModelReplica(str(tmp_path / "m"), {"max_new_tokens": 3, "batch_size": 4})
     base = {"id": "q1", "task": "multiple_choice", "question": MC_QUESTION, "sequence": SEQS[0],
             "choices": MC_CHOICES, "coords": None, "coord_mask": None}
@@ -152,24 +164,25 @@ def test_closed_block_reports_generative_and_likelihood_accuracy():
     assert block["likelihood_accuracy_norm"]["mean"] == 50.0
 
 
-def test_inference_crops_proteins_as_in_training(model):
+def test_inference_crops_proteins_as_in_training(model, processor):
     """A model trained on proteins cut to N residues reads the same first N at inference
     (generation and likelihood alike); proteins above max_residues still need truncate=True."""
     from sepit.models.protein_batch import ProteinBatchError
 
-    cropped = copy.deepcopy(model)
-    cropped.config.crop_residues = 10
+    cropped = copy.copy(processor)  # the processor crops as the model's config says: crop_residues
+    cropped.crop_residues = 10
     long_seq = SEQS[0]  # 24 residues
     coords = torch.cumsum(torch.randn(len(long_seq), 3), 0).numpy()
     full = (long_seq, coords, np.ones(len(long_seq), bool))
     cut = (long_seq[:10], coords[:10], np.ones(10, bool))
     q, opts = ["Is <protein> an enzyme?"], [["Yes", "No"]]
-    assert score_options(cropped, q, [full], opts)[0].logprob == pytest.approx(
-        score_options(cropped, q, [cut], opts)[0].logprob, abs=1e-5)
-    assert score_options(model, q, [full], opts)[0].logprob != pytest.approx(
-        score_options(model, q, [cut], opts)[0].logprob, abs=1e-5)
-    assert cropped.generate_ids(q, [full], max_new_tokens=4) == cropped.generate_ids(q, [cut], max_new_tokens=4)
-    cropped.config.max_residues = 20
+    assert score_options(model, cropped, q, [full], opts)[0].logprob == pytest.approx(
+        score_options(model, cropped, q, [cut], opts)[0].logprob, abs=1e-5)
+    assert score_options(model, processor, q, [full], opts)[0].logprob != pytest.approx(
+        score_options(model, processor, q, [cut], opts)[0].logprob, abs=1e-5)
+    assert (model.generate(**cropped.generation_inputs(q, [full]), max_new_tokens=4)
+            == model.generate(**cropped.generation_inputs(q, [cut]), max_new_tokens=4))
+    cropped.max_residues = 20
     with pytest.raises(ProteinBatchError, match="above max_residues=20"):
-        cropped.generate_ids(q, [full], max_new_tokens=2)
-    assert cropped.generate_ids(q, [full], max_new_tokens=2, truncate=True)
+        cropped.generation_inputs(q, [full])
+    assert model.generate(**cropped.generation_inputs(q, [full], truncate=True), max_new_tokens=2)

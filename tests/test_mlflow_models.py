@@ -32,14 +32,13 @@ def cache(tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    """A tiny SEPIT model saved as a stage export (save_pretrained + lineage.json)."""
+    """A tiny SEPIT model saved as a stage export (model + processor save_pretrained, lineage.json)."""
     import torch
-
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from lm_support import build_lm, save_lm
 
     torch.manual_seed(0)
-    model = SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()
-    folder = model.save_pretrained(tmp_path_factory.mktemp("export") / "model")
+    model, processor = build_lm()
+    folder = save_lm(model.eval(), processor, tmp_path_factory.mktemp("export") / "model")
     (folder / "lineage.json").write_text(json.dumps({"stage": "stage2", "mlflow_run_id": None}))
     return folder
 
@@ -77,6 +76,7 @@ def test_export_is_registered_with_latest_alias(mlflow_server, registered, expor
 
 def test_alias_version_and_run_uris_resolve_to_the_export(mlflow_server, registered, exported):
     from sepit.models.sepit_lm import SepitForConditionalGeneration
+    from sepit.processing import SepitProcessor
 
     name, logged = registered
     run1 = logged[0][0]
@@ -94,14 +94,17 @@ def test_alias_version_and_run_uris_resolve_to_the_export(mlflow_server, registe
     assert localize_model(f"models:/{name}/1", tracking_uri=mlflow_server) == by_version
     assert (by_version / "config.json").stat().st_mtime_ns == stamp
     model = SepitForConditionalGeneration.from_pretrained(by_alias)  # loads offline from the downloaded folder
-    assert model.tokenizer is not None and sum(p.numel() for p in model.parameters()) > 0
+    processor = SepitProcessor.from_pretrained(by_alias)
+    assert processor.vocab_size == model.config.llm.vocab_size and sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_pyfunc_answers_like_the_model(mlflow_server, registered, exported, monkeypatch):
     import mlflow.pyfunc
     import pandas as pd
 
-    from sepit.models.sepit_lm import SepitForConditionalGeneration
+    from lm_support import load_lm
+
+    from sepit.processing import generate_answers
 
     name, _ = registered
     before = mlflow.get_tracking_uri()
@@ -112,8 +115,7 @@ def test_pyfunc_answers_like_the_model(mlflow_server, registered, exported, monk
     finally:
         mlflow.set_tracking_uri(before)
     out = pyfunc.predict(pd.DataFrame({"question": QUESTIONS, "sequence": SEQUENCES}), params={"max_new_tokens": 5})
-    direct = SepitForConditionalGeneration.from_pretrained(exported).eval().generate(
-        QUESTIONS, [(s, None, None) for s in SEQUENCES], max_new_tokens=5)
+    direct = generate_answers(*load_lm(exported), QUESTIONS, [(s, None, None) for s in SEQUENCES], max_new_tokens=5)
     assert list(out["answer"]) == direct
     with pytest.raises(Exception, match="sequence"):
         pyfunc.predict(pd.DataFrame({"question": QUESTIONS}))

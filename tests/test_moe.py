@@ -9,13 +9,15 @@ import socket
 import pytest
 import torch
 
-from sepit.data.prompts import IGNORE_INDEX, encode_example
+from lm_support import build_lm, load_lm, save_lm
+
+from sepit.data.prompts import IGNORE_INDEX
 from sepit.models.moe import (
     MoEFeedForward, SepitMoEBlock, export_for_inference, moe_blocks, split_moe_param_groups,
     upcycle_to_moe,
 )
 from sepit.models.protein_batch import collate_proteins
-from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+from sepit.models.sepit_lm import SepitForConditionalGeneration
 
 SEQS = ["MSLEQKKGADIISKILQIQNSIGK", "MVLSPADKTNVKAAW", "MDDREDLVYQAKLAEQAERYDEMVESMKKVAGMDV"]
 QA = [("What does <protein> do?", "It hydrolyses NAD(+)."),
@@ -26,9 +28,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def dense_model():
+def dense_lm():
     torch.manual_seed(0)
-    return SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()
+    model, processor = build_lm()
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def dense_model(dense_lm):
+    return dense_lm[0]
+
+
+@pytest.fixture(scope="module")
+def processor(dense_lm):
+    return dense_lm[1]
 
 
 def _upcycled(dense_model, perturb=False, **kw):
@@ -55,8 +68,8 @@ def _perturb_experts(model, scale=0.05, seed=1):
             block.router.weight.mul_(20)  # confident routing, like a trained router
 
 
-def _batch(model):
-    exs = [encode_example(model.tokenizer, q, a) for q, a in QA]
+def _batch(model, processor):
+    exs = [processor.encode_example(q, a) for q, a in QA]
     T = max(len(e["input_ids"]) for e in exs)
     ids = torch.full((len(exs), T), model.token_ids.pad)
     labels = torch.full((len(exs), T), IGNORE_INDEX)
@@ -112,10 +125,10 @@ def test_exported_block_matches_deepspeed_block(dense_model, process_group, top_
         assert int(pl.expert_counts.sum()) == expected_tokens
 
 
-def test_whole_model_aux_loss_stats_and_export_parity(dense_model, process_group):
+def test_whole_model_aux_loss_stats_and_export_parity(dense_model, process_group, processor):
     m, plain = _upcycled(dense_model, perturb=True, num_experts=4, top_k=1, capacity_factor=16.0,
                          eval_capacity_factor=16.0, aux_loss_coef=0.01)
-    ids, mask, labels, prot = _batch(m)
+    ids, mask, labels, prot = _batch(m, processor)
     out = m(ids, mask, prot, labels)
     assert out.aux_loss is not None and out.aux_loss.item() > 0
     torch.testing.assert_close(out.loss, out.lm_loss + 0.01 * out.aux_loss)
@@ -150,27 +163,26 @@ def test_expert_params_get_their_own_optimizer_groups(dense_model, process_group
         upcycle_to_moe(m)
 
 
-def test_stage2_model_roundtrips_and_generates_the_same(dense_model, process_group, tmp_path):
+def test_stage2_model_roundtrips_and_generates_the_same(dense_model, process_group, processor, tmp_path):
     _, m = _upcycled(dense_model, perturb=True, num_experts=3, top_k=1, capacity_factor=16.0,
                      eval_capacity_factor=16.0)
     questions = [q for q, _ in QA]
     proteins = [(s, None, None) for s in SEQS]
-    before = m.generate_ids(questions, proteins, max_new_tokens=8)
-    m.save_pretrained(tmp_path / "stage2")
-    loaded = SepitForConditionalGeneration.from_pretrained(tmp_path / "stage2").eval()
+    before = m.generate(**processor.generation_inputs(questions, proteins), max_new_tokens=8)
+    loaded, loaded_processor = load_lm(save_lm(m, processor, tmp_path / "stage2"))
     assert all(isinstance(b, MoEFeedForward) for _, b in moe_blocks(loaded))
     assert loaded.config.moe.num_experts == 3
-    assert loaded.generate_ids(questions, proteins, max_new_tokens=8) == before
+    assert loaded.generate(**loaded_processor.generation_inputs(questions, proteins), max_new_tokens=8) == before
     # The same folder reopens as DeepSpeed blocks to continue training, with equal outputs.
     ds = SepitForConditionalGeneration.from_pretrained(tmp_path / "stage2", moe_backend="deepspeed").eval()
     assert all(isinstance(b, SepitMoEBlock) for _, b in moe_blocks(ds))
-    ids, mask, labels, prot = _batch(m)
+    ids, mask, labels, prot = _batch(m, processor)
     with torch.no_grad():
         a, b = loaded(ids, mask, prot, labels), ds(ids, mask, prot, labels)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
 
 
-def test_deepspeed_engine_trains_the_upcycled_model_at_zero2(dense_model, process_group):
+def test_deepspeed_engine_trains_the_upcycled_model_at_zero2(dense_model, process_group, processor):
     """deepspeed.initialize finds the MoE blocks (sets their expert groups) and a ZeRO-2 step
     with the split optimizer groups updates routers and experts."""
     import deepspeed
@@ -187,7 +199,7 @@ def test_deepspeed_engine_trains_the_upcycled_model_at_zero2(dense_model, proces
     blocks = dict(moe_blocks(m))
     router0 = blocks[0].router.weight.detach().clone()
     expert0 = blocks[0].experts[0].down_proj.weight.detach().clone()
-    ids, mask, labels, prot = _batch(m)
+    ids, mask, labels, prot = _batch(m, processor)
     m.train()
     losses = []
     for _ in range(4):
@@ -201,12 +213,12 @@ def test_deepspeed_engine_trains_the_upcycled_model_at_zero2(dense_model, proces
     assert sum(m.moe_stats()[0]) == int(out.attention_mask.sum())
 
 
-def test_activation_checkpointing_reroutes_identically(dense_model, process_group):
+def test_activation_checkpointing_reroutes_identically(dense_model, process_group, processor):
     """Recomputing MoE blocks in backward sees the same padding mask: same loss, same grads."""
     m, _ = _upcycled(dense_model, perturb=True, num_experts=2, layers=[1])
     m.train()
     m.config.structure_dropout = 0.0
-    ids, mask, labels, prot = _batch(m)
+    ids, mask, labels, prot = _batch(m, processor)
     router = m.llm.model.layers[1].mlp.router.weight
     torch.manual_seed(5)  # DeepSpeed's random token selection draws from the global RNG
     plain = m(ids, mask, prot, labels)

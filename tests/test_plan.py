@@ -49,9 +49,10 @@ def paper_counts(tokenizer):
     """(vocab, stage-1 split, stage-2 split) of the paper model built on the meta device."""
     from sepit.models.moe import upcycle_to_moe
     from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.tokenizer import special_token_ids
 
     with torch.device("meta"):
-        model = SepitForConditionalGeneration(SepitConfig.preset("paper"), tokenizer=tokenizer)
+        model = SepitForConditionalGeneration(SepitConfig.preset("paper"), special_token_ids(tokenizer), len(tokenizer))
     stage1 = _split_counts(model)
     # Stage 2: encoder frozen, every LLM FFN -> 4 experts + a bias-free router (DeepSpeed's `wg`).
     model.freeze(encoder=True)
@@ -169,12 +170,13 @@ def _measured_vs_estimate(model, tokenizer, stage: int) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def small_bf16_model(tokenizer):
     from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.tokenizer import special_token_ids
 
     torch.manual_seed(0)
     cfg = SepitConfig.preset("small")
     cfg.structure_dropout = 0.0  # every protein keeps its structure: the [B, H, L, L] mask exists
     # DeepSpeed's bf16 engine casts the whole module; so does this test.
-    return SepitForConditionalGeneration(cfg, tokenizer=tokenizer).to(torch.bfloat16).train()
+    return SepitForConditionalGeneration(cfg, special_token_ids(tokenizer), len(tokenizer)).to(torch.bfloat16).train()
 
 
 def test_stage1_activation_estimate_matches_saved_tensors(small_bf16_model, tokenizer):
@@ -257,13 +259,15 @@ def test_gpu_smoke_skips_cleanly_without_cuda():
 def test_gpu_smoke_batches_have_the_planned_shapes(tokenizer):
     """The smoke's synthetic stage-1/2 batch splices to exactly the plan's LLM length and trains."""
     from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from sepit.models.tokenizer import special_token_ids
+    from sepit.processing import SepitProcessor
 
     _, smoke = _gpu_smoke()
     torch.manual_seed(0)
-    model = SepitForConditionalGeneration(SepitConfig.preset("tiny"), tokenizer=tokenizer)
+    model = SepitForConditionalGeneration(SepitConfig.preset("tiny"), special_token_ids(tokenizer), len(tokenizer))
     plan = make_plan(PlanRequest(preset="tiny", stage=1, gpus=1, micro_batch_size=2, residues=40,
                                  answer_tokens=200, vocab_size=len(tokenizer)))
-    batch = smoke.instruction_batch(model, 2, 40, plan.shapes.llm_tokens)
+    batch = smoke.instruction_batch(model, SepitProcessor(tokenizer), 2, 40, plan.shapes.llm_tokens)
     out = model(**batch)
     assert out.logits.shape[:2] == (2, plan.shapes.llm_tokens)
     assert torch.isfinite(out.loss) and int((out.labels != -100).sum()) > 2 * 20

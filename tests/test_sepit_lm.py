@@ -7,12 +7,15 @@ import copy
 import pytest
 import torch
 
-from sepit.data.prompts import IGNORE_INDEX, encode_example, encode_prompt
+from lm_support import build_lm, load_lm, save_lm
+
+from sepit.data.prompts import IGNORE_INDEX
 from sepit.models.encoder import EncoderConfig
 from sepit.models.llm import LLMConfig, build_llm, count_parameters
 from sepit.models.protein_batch import collate_proteins
 from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
 from sepit.models.splice import SpliceError
+from sepit.processing import generate_answers
 
 # Real sequences from the bundled data (UniProt A0A009IHW8 fragment, P68308 / P62258 starts).
 SEQS = ["MSLEQKKGADIISKILQIQNSIGK", "MVLSPADKTNVKAAW", "MDDREDLVYQAKLAEQAERYDEMVESMKKVAGMDVELTVEERNLLSVAYKNV"]
@@ -26,9 +29,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
+def lm():
     torch.manual_seed(0)
-    return SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()
+    model, processor = build_lm()
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def model(lm):
+    return lm[0]
+
+
+@pytest.fixture(scope="module")
+def processor(lm):
+    return lm[1]
 
 
 def _coords(n: int, seed: int) -> torch.Tensor:
@@ -36,8 +50,8 @@ def _coords(n: int, seed: int) -> torch.Tensor:
     return torch.cumsum(torch.randn(n, 3, generator=g) * 2.2, 0)  # a random Cα walk, Å
 
 
-def _batch(model, qa=QA, seqs=SEQS, structure=(True, False, True)):
-    exs = [encode_example(model.tokenizer, q, a) for q, a in qa]
+def _batch(model, processor, qa=QA, seqs=SEQS, structure=(True, False, True)):
+    exs = [processor.encode_example(q, a) for q, a in qa]
     T = max(len(e["input_ids"]) for e in exs)
     ids = torch.full((len(exs), T), model.token_ids.pad)
     labels = torch.full((len(exs), T), IGNORE_INDEX)
@@ -49,8 +63,8 @@ def _batch(model, qa=QA, seqs=SEQS, structure=(True, False, True)):
     return ids, mask, labels, collate_proteins(model.encoder.alphabet, items), exs
 
 
-def test_spliced_positions_labels_mask_and_positions_line_up(model):
-    ids, mask, labels, prot, exs = _batch(model)
+def test_spliced_positions_labels_mask_and_positions_line_up(model, processor):
+    ids, mask, labels, prot, exs = _batch(model, processor)
     embed = model.llm.get_input_embeddings()
     with torch.no_grad():
         projected, n_real = model.encode_proteins(prot, structure_dropout=False)
@@ -83,8 +97,8 @@ def test_spliced_positions_labels_mask_and_positions_line_up(model):
                 assert (s.labels[b, :start] == IGNORE_INDEX).all() and (s.labels[b, start + total:] == IGNORE_INDEX).all()
 
 
-def test_shared_protein_index_and_bad_placeholder_counts(model):
-    ids, mask, labels, prot, exs = _batch(model)
+def test_shared_protein_index_and_bad_placeholder_counts(model, processor):
+    ids, mask, labels, prot, exs = _batch(model, processor)
     index = torch.tensor([2, 2, 0])
     with torch.no_grad():
         projected, _ = model.encode_proteins(prot, structure_dropout=False)
@@ -99,13 +113,13 @@ def test_shared_protein_index_and_bad_placeholder_counts(model):
         model.splice(no_placeholder, mask, prot, labels, structure_dropout=False)
 
 
-def test_loss_is_on_answer_tokens_only(model):
-    ids, mask, labels, prot, exs = _batch(model)
+def test_loss_is_on_answer_tokens_only(model, processor):
+    ids, mask, labels, prot, exs = _batch(model, processor)
     with torch.no_grad():
         out = model(ids, mask, prot, labels)
     for b, (_, answer) in enumerate(QA):
         labelled = [t for t in out.labels[b].tolist() if t != IGNORE_INDEX]
-        assert model.tokenizer.decode(labelled) == answer + model.tokenizer.eos_token
+        assert processor.tokenizer.decode(labelled) == answer + processor.tokenizer.eos_token
     # The loss is the mean next-token CE over exactly those positions.
     logits, lab = out.logits[:, :-1], out.labels[:, 1:]
     keep = lab != IGNORE_INDEX
@@ -114,8 +128,8 @@ def test_loss_is_on_answer_tokens_only(model):
     assert out.aux_loss is None and torch.equal(out.loss, out.lm_loss)
 
 
-def test_structure_dropout_only_in_training(model):
-    ids, mask, labels, prot, _ = _batch(model)
+def test_structure_dropout_only_in_training(model, processor):
+    ids, mask, labels, prot, _ = _batch(model, processor)
     m = copy.deepcopy(model)
     m.config.structure_dropout = 1.0
     seq_only = prot.without_structure(torch.ones(len(prot), dtype=torch.bool))
@@ -130,11 +144,11 @@ def test_structure_dropout_only_in_training(model):
     torch.testing.assert_close(kept[1], reference[1])  # row 1 is sequence-only anyway
 
 
-def test_tiny_model_overfits_one_batch(model):
+def test_tiny_model_overfits_one_batch(model, processor):
     torch.manual_seed(0)
     m = copy.deepcopy(model).train()
     m.config.structure_dropout = 0.0
-    ids, mask, labels, prot, _ = _batch(model)
+    ids, mask, labels, prot, _ = _batch(model, processor)
     opt = torch.optim.AdamW(m.param_groups(base_lr=3e-3, encoder_lr_ratio=1.0, llm_lr_ratio=1.0))
     losses = []
     for _ in range(30):
@@ -145,13 +159,13 @@ def test_tiny_model_overfits_one_batch(model):
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], losses
     m.eval()
-    answers = m.generate([q for q, _ in QA], [(s, None, None) for s in SEQS], max_new_tokens=16)
+    answers = generate_answers(m, processor, [q for q, _ in QA], [(s, None, None) for s in SEQS], max_new_tokens=16)
     assert answers == [a for _, a in QA]
 
 
-def _manual_greedy(model, question, protein, steps):
+def _manual_greedy(model, processor, question, protein, steps):
     """Cache-free greedy decoding of one prompt: full forward over the whole sequence each step."""
-    s = model.build_generation_inputs([question], [protein])
+    s = model.build_generation_inputs(**processor.generation_inputs([question], [protein]))
     embeds, out_ids = s.inputs_embeds, []
     embed = model.llm.get_input_embeddings()
     for _ in range(steps):
@@ -166,35 +180,41 @@ def _manual_greedy(model, question, protein, steps):
     return out_ids
 
 
-def test_batched_left_padded_greedy_equals_manual_loop(model):
+def test_batched_left_padded_greedy_equals_manual_loop(model, processor):
     questions = [q for q, _ in QA]
     proteins = [(s, _coords(len(s), i).numpy(), None) for i, s in enumerate(SEQS)]
     with torch.no_grad():
-        batched = model.generate_ids(questions, proteins, max_new_tokens=8)
+        batched = model.generate(**processor.generation_inputs(questions, proteins), max_new_tokens=8)
         for b in range(len(questions)):
-            assert batched[b] == _manual_greedy(model, questions[b], proteins[b], 8)
-    texts = model.generate(questions, proteins, max_new_tokens=8)
-    assert texts == [model.tokenizer.decode(r, skip_special_tokens=True) for r in batched]
+            assert batched[b] == _manual_greedy(model, processor, questions[b], proteins[b], 8)
+    texts = generate_answers(model, processor, questions, proteins, max_new_tokens=8)
+    assert texts == [processor.tokenizer.decode(r, skip_special_tokens=True) for r in batched]
     # Sampling is reproducible with a seed and stop strings cut the text.
-    a = model.generate(questions, proteins, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
-    b = model.generate(questions, proteins, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
+    a = generate_answers(model, processor, questions, proteins, max_new_tokens=8, do_sample=True, temperature=0.8,
+                         top_p=0.9, seed=3)
+    b = generate_answers(model, processor, questions, proteins, max_new_tokens=8, do_sample=True, temperature=0.8,
+                         top_p=0.9, seed=3)
     assert a == b
     first = texts[0]
     if len(first) > 2:
         stop = first[1:3]
-        assert model.generate(questions[:1], proteins[:1], max_new_tokens=8, stop=[stop])[0] == first.split(stop, 1)[0]
+        cut = generate_answers(model, processor, questions[:1], proteins[:1], max_new_tokens=8, stop=[stop])[0]
+        assert cut == first.split(stop, 1)[0]
 
 
-def test_generate_rejects_bad_input_clearly(model):
+def test_generate_rejects_bad_input_clearly(model, processor):
     with pytest.raises(ValueError, match="2 questions but 1 proteins"):
-        model.generate(["a", "b"], [(SEQS[0], None, None)])
+        generate_answers(model, processor, ["a", "b"], [(SEQS[0], None, None)])
     with pytest.raises(ValueError, match="above max_residues"):
-        model.generate(["a"], [("M" * (model.config.max_residues + 1), None, None)])
-    assert len(model.generate(["a"], [("M" * (model.config.max_residues + 1), None, None)],
-                              max_new_tokens=1, truncate=True)) == 1
+        generate_answers(model, processor, ["a"], [("M" * (model.config.max_residues + 1), None, None)])
+    assert len(generate_answers(model, processor, ["a"], [("M" * (model.config.max_residues + 1), None, None)],
+                                max_new_tokens=1, truncate=True)) == 1
+    inputs = processor.generation_inputs(["a", "b"], [(SEQS[0], None, None), (SEQS[1], None, None)])
+    with pytest.raises(ValueError, match="2 prompts .* but 1 proteins"):
+        model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["protein"].select([0]))
 
 
-def test_param_groups_freeze_and_lora(model):
+def test_param_groups_freeze_and_lora(model, processor):
     m = copy.deepcopy(model)
     groups = {g["name"]: g for g in m.param_groups(base_lr=1e-4)}
     assert groups["projector"]["lr"] == pytest.approx(1e-4)
@@ -210,7 +230,7 @@ def test_param_groups_freeze_and_lora(model):
     m.apply_lora(r=4, alpha=8)
     lora = {g["name"]: g for g in m.param_groups()}["llm"]["params"]
     assert lora and all(p.shape[0] == 4 or p.shape[1] == 4 for p in lora)
-    ids_, mask, labels, prot, _ = _batch(model)
+    ids_, mask, labels, prot, _ = _batch(model, processor)
     m(ids_, mask, prot, labels).loss.backward()
     assert all(p.grad is not None for p in lora)
     with pytest.raises(ValueError, match="merge_lora"):
@@ -219,27 +239,26 @@ def test_param_groups_freeze_and_lora(model):
     assert not m.has_lora
 
 
-def test_dense_save_load_roundtrip_generates_the_same(model, tmp_path):
+def test_dense_save_load_roundtrip_generates_the_same(model, processor, tmp_path):
     questions = [q for q, _ in QA]
     proteins = [(s, None, None) for s in SEQS]
-    before = model.generate_ids(questions, proteins, max_new_tokens=6)
-    model.save_pretrained(tmp_path / "m")
-    loaded = SepitForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
-    assert loaded.generate_ids(questions, proteins, max_new_tokens=6) == before
+    before = model.generate(**processor.generation_inputs(questions, proteins), max_new_tokens=6)
+    loaded, loaded_processor = load_lm(save_lm(model, processor, tmp_path / "m"))
+    assert loaded.generate(**loaded_processor.generation_inputs(questions, proteins), max_new_tokens=6) == before
     for (n1, t1), (n2, t2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(t1, t2)
 
 
-def test_paper_preset_shapes_on_meta_device(model):
+def test_paper_preset_shapes_on_meta_device(processor):
     with torch.device("meta"):
         llm = build_llm(LLMConfig.preset("paper"))
     assert count_parameters(llm) == 1_100_048_384  # TinyLlama-1.1B
     import esm
 
     cfg = SepitConfig.preset("paper")
-    tok = model.tokenizer
+    tok = processor.tokenizer
     with torch.device("meta"):
-        m = SepitForConditionalGeneration(cfg, tokenizer=tok)
+        m = SepitForConditionalGeneration(cfg, processor.token_ids, processor.vocab_size)
         esm2 = esm.model.esm2.ESM2(num_layers=33, embed_dim=1280, attention_heads=20,
                                    alphabet=esm.data.Alphabet.from_architecture("ESM-1b"))
     assert next(m.parameters()).device.type == "meta"
@@ -262,7 +281,7 @@ def test_builds_from_local_llm_and_encoder_folders(model, tmp_path):
     from transformers import LlamaForCausalLM
 
     from sepit.models.llm import llama_config
-    from sepit.models.tokenizer import bundled_tokenizer_corpus
+    from sepit.train.stage1 import bundled_tokenizer_corpus
 
     folder = tmp_path / "llama"
     n_base = _llama_style_folder(bundled_tokenizer_corpus(), folder)
@@ -272,19 +291,20 @@ def test_builds_from_local_llm_and_encoder_folders(model, tmp_path):
     cfg = SepitConfig.preset("tiny")
     cfg.llm = cfg.llm.with_path(folder)
     cfg.encoder_path = str(tmp_path / "encoder")
-    m = SepitForConditionalGeneration(cfg).eval()
-    assert len(m.tokenizer) == n_base + 4 and m.tokenizer.pad_token == "<pad>"
+    m, m_processor = build_lm(cfg)
+    m.eval()
+    assert m_processor.vocab_size == n_base + 4 and m_processor.tokenizer.pad_token == "<pad>"
     emb = m.llm.get_input_embeddings().weight
     assert emb.shape[0] == n_base + 4 and m.config.llm.vocab_size == n_base + 4
     original = LlamaForCausalLM.from_pretrained(str(folder)).get_input_embeddings().weight
     torch.testing.assert_close(emb[:n_base], original, rtol=0, atol=0)
     for (name, a), b in zip(m.encoder.state_dict().items(), model.encoder.state_dict().values()):
         assert torch.equal(a, b), name
-    ids, mask, labels, prot, _ = _batch(m)
+    ids, mask, labels, prot, _ = _batch(m, m_processor)
     assert torch.isfinite(m(ids, mask, prot, labels).loss)
     # Saved, the folder no longer needs the sources.
-    m.save_pretrained(tmp_path / "sepit")
-    again = SepitForConditionalGeneration.from_pretrained(tmp_path / "sepit").eval()
+    again, again_processor = load_lm(save_lm(m, m_processor, tmp_path / "sepit"))
     assert again.config.llm.path is None and again.config.encoder_path is None
     q, p = [QA[0][0]], [(SEQS[0], None, None)]
-    assert again.generate_ids(q, p, max_new_tokens=5) == m.generate_ids(q, p, max_new_tokens=5)
+    assert (again.generate(**again_processor.generation_inputs(q, p), max_new_tokens=5)
+            == m.generate(**m_processor.generation_inputs(q, p), max_new_tokens=5))

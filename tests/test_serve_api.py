@@ -39,8 +39,9 @@ def _pdb(rel: str) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A real (random-weight) tiny SEPIT model exported with save_pretrained."""
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    """A real (random-weight) tiny SEPIT model exported with save_pretrained (model and processor)."""
+    from lm_support import build_lm, save_lm
+
     from sepit.models.tokenizer import train_llm_tokenizer
 
     import torch
@@ -48,8 +49,8 @@ def model_dir(tmp_path_factory):
     torch.manual_seed(0)  # fixed random weights: the same greedy answers on every run
     texts = ["What is the function of this protein? It binds ATP.", "Located in the cytoplasm and nucleus."] * 30
     tokenizer = train_llm_tokenizer(texts, vocab_size=320)
-    model = SepitForConditionalGeneration(SepitConfig.preset("tiny"), tokenizer=tokenizer)
-    return str(model.save_pretrained(tmp_path_factory.mktemp("serve") / "tiny-sepit"))
+    model, processor = build_lm(tokenizer=tokenizer)
+    return str(save_lm(model, processor, tmp_path_factory.mktemp("serve") / "tiny-sepit"))
 
 
 #: ServeConfig fields shared by both applications (the ``args`` of a Serve config file).
@@ -145,14 +146,15 @@ def test_probes_models_and_docs(server):
 
 
 def test_answer_returns_the_models_own_greedy_answers(server, model_dir):
-    from sepit.models.sepit_lm import SepitForConditionalGeneration
+    from lm_support import load_lm
+
+    from sepit.processing import generate_answers
 
     questions = ["What is the function of <protein>?", "Where is <protein> located?"]
     r = _answer(server["client"], questions=questions, max_new_tokens=6)
     assert r.status_code == 200, r.text
     body = r.json()
-    model = SepitForConditionalGeneration.from_pretrained(model_dir).eval()
-    expected = model.generate(questions, [(SEQUENCE, None, None)] * 2, max_new_tokens=6)
+    expected = generate_answers(*load_lm(model_dir), questions, [(SEQUENCE, None, None)] * 2, max_new_tokens=6)
     assert [a["answer"] for a in body["answers"]] == expected
     for a in body["answers"]:
         assert 1 <= a["completion_tokens"] <= 6 and a["finish_reason"] in ("stop", "length")
@@ -554,7 +556,7 @@ def test_user_config_retunes_the_running_replica_without_a_restart(server):
 
 # --------------------------------------------------------------------------- the replica on its own
 def test_an_item_that_breaks_a_prefill_does_not_fail_the_others(model_dir):
-    from sepit.data.prompts import encode_prompt
+    from sepit.processing import generate_answers
     from sepit.serve.batcher import DecodeRequest
     from sepit.serve.config import ServeConfig
     from sepit.serve.model_runner import SepitModelRunner
@@ -570,14 +572,15 @@ def test_an_item_that_breaks_a_prefill_does_not_fail_the_others(model_dir):
         # "1" is not a residue: validation refuses it, so build its request by hand to reach the loop.
         bad = GenerationItem("What is <protein>?", "MKT1AY", max_new_tokens=3)
         now = time.monotonic()
-        requests.insert(1, DecodeRequest(bad, encode_prompt(runner.tokenizer, bad.question), 30, now, now + 60))
+        requests.insert(1, DecodeRequest(bad, runner.processor.encode_prompt(bad.question), 30, now, now + 60))
         results = [f.result(timeout=60) for f in [runner.batcher.submit(r) for r in requests]]
         assert [r.error is None for r in results] == [True, False, True]
         assert "generation failed" in results[1].error and results[0].completion_tokens >= 1
         stats = runner.stats()
         assert stats["failed"] == 1 and stats["generated"] == 2 and stats["batch_size_histogram"] == {"3": 1}
         # The two good rows decoded in the same steps: greedy answers equal the model's own.
-        assert [r.text for r in results[::2]] == runner.model.generate(
-            [it.question for it in good], [(it.sequence, None, None) for it in good], max_new_tokens=3)
+        assert [r.text for r in results[::2]] == generate_answers(
+            runner.model, runner.processor, [it.question for it in good], [(it.sequence, None, None) for it in good],
+            max_new_tokens=3)
     finally:
         runner.batcher.stop()

@@ -181,18 +181,20 @@ def test_serving_loads_a_model_from_s3(s3, tmp_path):
     from its node's cache; answers equal the local folder's."""
     import torch
 
-    from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
+    from lm_support import build_lm, save_lm
+
     from sepit.serve.config import ServeConfig
     from sepit.serve.model_runner import ModelLoadError, load_exported_model
 
     torch.manual_seed(0)
-    model = SepitForConditionalGeneration(SepitConfig.preset("tiny")).eval()
-    model.save_pretrained(tmp_path / "m")
+    model, processor = build_lm()
+    save_lm(model.eval(), processor, tmp_path / "m")
     uri = f"s3://{BUCKET}/served/model"
     upload_dir(tmp_path / "m", uri)
     ServeConfig(model_dir=uri).require_model_dir()
-    remote = load_exported_model(uri, "cpu")
+    remote, remote_processor = load_exported_model(uri, "cpu")
     q, p = ["What does <protein> do?"], [("MSLEQKKGADIISKILQIQNSIGK", None, None)]
-    assert remote.generate_ids(q, p, max_new_tokens=5) == model.generate_ids(q, p, max_new_tokens=5)
+    assert (remote.generate(**remote_processor.generation_inputs(q, p), max_new_tokens=5)
+            == model.generate(**processor.generation_inputs(q, p), max_new_tokens=5))
     with pytest.raises(ModelLoadError, match=rf"s3://{BUCKET}/served/none"):
         load_exported_model(f"s3://{BUCKET}/served/none", "cpu")

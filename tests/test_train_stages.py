@@ -111,14 +111,16 @@ def test_stages_learn_and_record_lineage(tiny_pipeline):
     assert routed > 0 and routed == sum(step[f"moe/layer1/expert{e}_tokens"] for e in range(4))
 
     # the exported stage-2 model needs no DeepSpeed: plain MoE blocks, and it answers
-    from sepit.models.moe import MoEFeedForward, moe_blocks
-    from sepit.models.sepit_lm import SepitForConditionalGeneration
+    from lm_support import load_lm
 
-    model = SepitForConditionalGeneration.from_pretrained(out[2] / "model").eval()
+    from sepit.models.moe import MoEFeedForward, moe_blocks
+    from sepit.processing import generate_answers
+
+    model, processor = load_lm(out[2] / "model")
     blocks = list(moe_blocks(model))
     assert len(blocks) == 2 and all(isinstance(b, MoEFeedForward) for _, b in blocks)
-    answers = model.generate(["What is the function of <protein>?"], [("MKTAYIAKQRQISFVKSHFSRQ", None, None)],
-                             max_new_tokens=8)
+    answers = generate_answers(model, processor, ["What is the function of <protein>?"],
+                               [("MKTAYIAKQRQISFVKSHFSRQ", None, None)], max_new_tokens=8)
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from sepit.models.tokenizer import (
     BOP_TOKEN,
     EOP_TOKEN,
+    IGNORE_INDEX,
     PROTEIN_TOKEN,
     special_token_ids,
 )
@@ -31,8 +32,6 @@ PLACEHOLDER = PROTEIN_TOKEN
 SYSTEM_HEADER = "<|system|>\n"
 USER_HEADER = "\n<|user|>\n"
 ASSISTANT_HEADER = "\n<|assistant|>\n"
-IGNORE_INDEX = -100
-"""Label value ignored by the loss (PyTorch ``cross_entropy``'s default ``ignore_index``)."""
 
 
 class PromptError(ValueError):

@@ -4,8 +4,9 @@ The driver keeps the bookkeeping: it skips ids already in the predictions store,
 by protein length (similar lengths share a batch, so little padding), streams them through
 ``Dataset.map_batches(ModelReplica, concurrency=N)`` and journals every finished batch
 atomically (:class:`~sepit.evaluation.predictions.PredictionsStore`).  Replicas only load the
-model folder (``SepitForConditionalGeneration.from_pretrained``) and call ``generate_ids``;
-answers are the decoded *new* tokens, cut at the first stop string.
+model folder (``SepitForConditionalGeneration`` and ``SepitProcessor.from_pretrained``), let the
+processor build the inputs and call ``model.generate``; answers are the decoded *new* tokens,
+cut at the first stop string.
 """
 
 from __future__ import annotations
@@ -108,12 +109,14 @@ class ModelReplica:
         import torch
 
         from sepit.models.sepit_lm import SepitForConditionalGeneration
+        from sepit.processing import SepitProcessor
 
         self.cfg = GenerationConfig(**generation)
         device = "cuda" if self.cfg.gpus_per_replica > 0 and torch.cuda.is_available() else "cpu"
         if device == "cpu" and self.cfg.cpus_per_replica >= 1:
             torch.set_num_threads(int(self.cfg.cpus_per_replica))
         self.model = SepitForConditionalGeneration.from_pretrained(model_dir, map_location=device).eval()
+        self.processor = SepitProcessor.from_pretrained(model_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Missing structures travel as empty lists (a typed Arrow column), back to None here.
@@ -124,14 +127,13 @@ class ModelReplica:
         ]
         keys = [f"{t}/{i}" for t, i in zip(batch["task_name"], batch["id"])]
         seed = (self.cfg.seed + zlib.crc32("\n".join(keys).encode())) % (2**31)
-        out_ids = self.model.generate_ids(
-            [str(q) for q in batch["question"]], proteins, max_new_tokens=self.cfg.max_new_tokens,
-            do_sample=self.cfg.do_sample, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-            stop=self.cfg.stop or None, seed=seed if self.cfg.do_sample else None, truncate=self.cfg.truncate,
+        inputs = self.processor.generation_inputs([str(q) for q in batch["question"]], proteins, self.cfg.truncate)
+        out_ids = self.model.generate(
+            **inputs, max_new_tokens=self.cfg.max_new_tokens, do_sample=self.cfg.do_sample,
+            temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=seed if self.cfg.do_sample else None,
+            stop_check=self.processor.stop_check(self.cfg.stop),
         )
-        texts = [self.model.tokenizer.decode(row, skip_special_tokens=True) for row in out_ids]
-        for s in self.cfg.stop:
-            texts = [t.split(s, 1)[0] for t in texts]
+        texts = self.processor.decode_answers(out_ids, self.cfg.stop)
         # Open rows carry empty lists (one typed Arrow column, as for missing coordinates).
         logprob = np.empty(len(texts), dtype=object)
         n_tokens = np.empty(len(texts), dtype=object)
@@ -141,7 +143,8 @@ class ModelReplica:
         if closed:
             from sepit.evaluation.likelihood import score_options
 
-            scores = score_options(self.model, [str(batch["question"][i]) for i in closed], [proteins[i] for i in closed],
+            scores = score_options(self.model, self.processor, [str(batch["question"][i]) for i in closed],
+                                   [proteins[i] for i in closed],
                                    [[str(x) for x in batch["options"][i]] for i in closed],
                                    max_rows=self.cfg.likelihood_rows, truncate=self.cfg.truncate)
             for i, sc in zip(closed, scores):

@@ -88,15 +88,16 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
 
 @torch.no_grad()
-def score_options(model, questions: Sequence[str], proteins: Sequence[tuple], options: Sequence[Sequence[str]],
-                  max_rows: int = 32, truncate: bool = False) -> list[OptionScores]:
-    """Score every option of every question with ``model`` (a SepitForConditionalGeneration).
+def score_options(model, processor, questions: Sequence[str], proteins: Sequence[tuple],
+                  options: Sequence[Sequence[str]], max_rows: int = 32, truncate: bool = False) -> list[OptionScores]:
+    """Score every option of every question with ``model`` (a SepitForConditionalGeneration) and
+    its ``processor`` (:class:`~sepit.processing.SepitProcessor`, which encodes and collates).
 
     ``proteins[i]`` is ``(sequence, coords | None, coord_mask | None)`` for question i (pass
     ``coords=None`` for the sequence-only ablation).  At most ``max_rows`` prompt+option rows go
     through the LLM at once; each chunk encodes only the proteins its rows need.
     """
-    from sepit.data.prompts import IGNORE_INDEX, encode_example
+    from sepit.data.prompts import IGNORE_INDEX
 
     if not (len(questions) == len(proteins) == len(options)):
         raise ValueError(f"{len(questions)} questions, {len(proteins)} proteins, {len(options)} option lists")
@@ -105,7 +106,6 @@ def score_options(model, questions: Sequence[str], proteins: Sequence[tuple], op
         raise ValueError("every closed-set question needs at least two options to score")
     logprob = [[0.0] * len(o) for o in options]
     n_tok = [[0] * len(o) for o in options]
-    pad = model.token_ids.pad
     was_training = model.training
     model.eval()
     try:
@@ -113,22 +113,15 @@ def score_options(model, questions: Sequence[str], proteins: Sequence[tuple], op
             chunk = flat[start:start + max_rows]
             qs = sorted({q for q, _, _ in chunk})
             local = {q: i for i, q in enumerate(qs)}
-            encoded = [encode_example(model.tokenizer, questions[q], opt) for q, _, opt in chunk]
-            width = max(len(e["input_ids"]) for e in encoded)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            labels = torch.full_like(ids, IGNORE_INDEX)
-            mask = torch.zeros_like(ids)
-            for r, e in enumerate(encoded):  # right padding, as in training
-                n = len(e["input_ids"])
-                ids[r, :n] = torch.tensor(e["input_ids"])
-                labels[r, :n] = torch.tensor(e["labels"])
-                mask[r, :n] = 1
-            batch = model.collate_for_inference([proteins[q] for q in qs], truncate).to(model.device)
+            encoded = [processor.encode_example(questions[q], opt) for q, _, opt in chunk]
+            rows = processor.pad([e["input_ids"] for e in encoded], padding_side="right",  # as in training
+                                 labels=[e["labels"] for e in encoded])
+            batch = processor.protein_batch([proteins[q] for q in qs], truncate).to(model.device)
             index = torch.tensor([local[q] for q, _, _ in chunk], device=model.device)
             # The model's own training forward (structure dropout is off in eval mode; MoE
             # blocks route with the padding mask exactly as in training).
-            out = model(ids.to(model.device), mask.to(model.device), batch, labels=labels.to(model.device),
-                        protein_index=index)
+            out = model(rows["input_ids"].to(model.device), rows["attention_mask"].to(model.device), batch,
+                        labels=rows["labels"].to(model.device), protein_index=index)
             sums, counts = sequence_logprobs(out.logits, out.labels, IGNORE_INDEX)
             for (q, k, _), lp, n in zip(chunk, sums.tolist(), counts.tolist()):
                 logprob[q][k], n_tok[q][k] = float(lp), int(n)

@@ -8,6 +8,9 @@ Public API (imported lazily so ``import sepit.models`` stays cheap):
 - stages 1-2: :class:`SepitForConditionalGeneration`, :class:`SepitConfig`, :class:`LLMConfig`
 - MoE: :func:`upcycle_to_moe`, :func:`export_for_inference`, :class:`MoEConfig`, :class:`MoEFeedForward`
 - tokenizer: :func:`train_llm_tokenizer`, :func:`load_llm_tokenizer`
+
+Text and protein preprocessing for stages 1-2 is :class:`sepit.processing.SepitProcessor`'s
+(outside this package: ``sepit.models`` imports nothing from ``sepit.data``).
 """
 
 from __future__ import annotations

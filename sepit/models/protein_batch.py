@@ -65,6 +65,15 @@ class ProteinBatch:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def select(self, rows: Sequence[int]) -> "ProteinBatch":
+        """The batch of ``rows`` only, cut to their longest protein: the batch that collating
+        just those proteins gives."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.tokens.device)
+        lengths = self.lengths[idx]
+        width = int(lengths.max()) + 2  # + <cls> and <eos>
+        return ProteinBatch(self.tokens[idx, :width], self.coords[idx, :width], self.coord_mask[idx, :width],
+                            lengths, self.padding_idx)
+
     def without_structure(self, drop: torch.Tensor) -> "ProteinBatch":
         """Copy in which rows with ``drop[b]`` True lose their coordinates (structure dropout)."""
         keep = ~drop.to(self.coord_mask.device).bool()

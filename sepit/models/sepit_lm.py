@@ -6,7 +6,9 @@
 Structure dropout (p = 0.15 per protein, training only) drops a protein's coordinates so the
 model also answers from sequence alone.  The training loss is the answer-token cross-entropy
 plus ``aux_loss_coef · Σ_layers l_aux`` once the LLM is upcycled to MoE (:mod:`sepit.models.moe`).
-Saving writes a self-contained folder (safetensors, config.json, tokenizer/); MoE blocks are
+The model takes ids and tensors only: the tokenizer, chat template, protein tokenisation and
+collation are :class:`sepit.processing.SepitProcessor`'s, which is saved into the same folder.
+Saving writes safetensors and config.json (the processor adds ``tokenizer/``); MoE blocks are
 always saved in the plain :class:`~sepit.models.moe.MoEFeedForward` layout.
 """
 
@@ -16,16 +18,13 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sepit.config.base import check_choice, check_range, from_dict, to_dict
-# Module import (not names): sepit.data.prompts imports sepit.models.tokenizer, so a package
-# __init__ that imports this module must not see a half-initialised prompts module.
-from sepit.data import prompts
 from sepit.models.encoder import EncoderConfig, ProteinEncoder
 from sepit.models.generation import DecodeBatch, SamplingConfig, decode_batch, length_buckets
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
@@ -34,14 +33,13 @@ from sepit.models.moe import (
     MoEConfig, clear_moe_stats, deepspeed_moe_state_dict, moe_aux_loss, moe_stats,
     plain_moe_state_dict, set_moe_token_mask, upcycle_to_moe,
 )
-from sepit.models.protein_batch import ProteinBatch, collate_proteins
+from sepit.models.protein_batch import ProteinBatch
 from sepit.models.splice import SplicedInputs, splice_protein_embeddings
 from sepit.models.tokenizer import (
-    bundled_tokenizer_corpus, load_llm_tokenizer, special_token_ids, train_llm_tokenizer,
+    IGNORE_INDEX, TOKENIZER_DIR, SpecialTokenIds, load_llm_tokenizer, special_token_ids,
 )
 
 MODEL_TYPE = "sepit"
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -61,7 +59,7 @@ class SepitConfig:
     structure_dropout: float = 0.15
     """Probability that a training protein loses its coordinates (sequence-only)."""
     max_residues: int = 1022
-    """Longest protein accepted by generate(); longer ones are an error unless truncate=True."""
+    """Longest protein the processor accepts for inference; longer ones are an error unless truncate=True."""
     crop_residues: int | None = None
     """Inference cuts proteins to their first ``crop_residues`` residues (and coordinates): the crop
     the model was trained with (set by the training stage), so it never reads protein spans longer
@@ -71,7 +69,8 @@ class SepitConfig:
     esm_checkpoint: str | None = None
     """Local fair-esm ESM-2 .pt to start the encoder from (when encoder_path is not set)."""
     tokenizer_path: str | None = None
-    """Local tokenizer folder; None = llm.path's tokenizer, else a BPE trained on bundled text."""
+    """Local tokenizer folder for stage 1; None = llm.path's tokenizer, else a BPE trained on
+    bundled text (``sepit.train.stage1.build_tokenizer``)."""
     moe: MoEConfig | None = None
     """Set by upcycle_to_moe (stage 2); saved models rebuild their MoE blocks from it."""
 
@@ -117,15 +116,6 @@ class ProteinProjector(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def build_tokenizer(config: SepitConfig):
-    if config.tokenizer_path:
-        return load_llm_tokenizer(config.tokenizer_path)
-    if config.llm.path:
-        return load_llm_tokenizer(config.llm.path)
-    return train_llm_tokenizer(bundled_tokenizer_corpus(), vocab_size=config.llm.vocab_size,
-                               model_max_length=config.llm.max_position_embeddings)
-
-
 def build_encoder(config: SepitConfig) -> ProteinEncoder:
     if config.encoder_path:
         return ProteinEncoder.from_pretrained(config.encoder_path)
@@ -139,20 +129,20 @@ def build_encoder(config: SepitConfig) -> ProteinEncoder:
 class SepitForConditionalGeneration(nn.Module):
     """Protein encoder + projector + causal LM; see the module docstring.
 
-    Components may be passed in (``from_pretrained`` does); otherwise they are built from
-    ``config`` offline.  ``config`` is updated to describe what was built (encoder sizes, LLM
-    vocabulary), so saving it is enough to rebuild the model.
+    ``token_ids`` and ``vocab_size`` come from the LLM tokenizer (``SepitProcessor.token_ids`` /
+    ``.vocab_size``); the model never tokenises.  Components may be passed in (``from_pretrained``
+    does); otherwise they are built from ``config`` offline.  ``config`` is updated to describe
+    what was built (encoder sizes, LLM vocabulary), so saving it is enough to rebuild the model.
     """
 
-    def __init__(self, config: SepitConfig, tokenizer=None, encoder: ProteinEncoder | None = None,
-                 llm: nn.Module | None = None) -> None:
+    def __init__(self, config: SepitConfig, token_ids: SpecialTokenIds, vocab_size: int,
+                 encoder: ProteinEncoder | None = None, llm: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
-        self.token_ids = special_token_ids(self.tokenizer)
+        self.token_ids = token_ids
         self.encoder = encoder if encoder is not None else build_encoder(config)
         config.encoder = self.encoder.config
-        n_vocab = len(self.tokenizer)
+        n_vocab = vocab_size
         self.llm = llm if llm is not None else build_llm(config.llm, vocab_size=n_vocab)
         if self.llm.get_input_embeddings().num_embeddings < n_vocab:
             # A loaded LLM lacks <pad>/<bop>/<protein>/<eop>: new rows start at the mean embedding.
@@ -234,99 +224,50 @@ class SepitForConditionalGeneration(nn.Module):
         return moe_stats(self)
 
     # ------------------------------------------------------------------ generation
-    def build_generation_inputs(self, questions: Sequence[str], proteins: Sequence[tuple],
-                                truncate: bool = False,
-                                prompt_ids: Sequence[Sequence[int]] | None = None) -> SplicedInputs:
-        """Left-padded spliced prompts for ``questions`` and ``(sequence, coords|None, mask|None)``.
-
-        ``prompt_ids`` (``prompts.encode_prompt`` of each question, e.g. from a server that
-        tokenised the request once when validating it) skips tokenising again."""
-        if len(questions) != len(proteins):
-            raise ValueError(f"{len(questions)} questions but {len(proteins)} proteins; pass one protein per question")
-        if not questions:
-            raise ValueError("generate() needs at least one question")
-        if prompt_ids is not None and len(prompt_ids) != len(questions):
-            raise ValueError(f"{len(prompt_ids)} prompt_ids for {len(questions)} questions")
-        encoded = (list(prompt_ids) if prompt_ids is not None
-                   else [prompts.encode_prompt(self.tokenizer, q) for q in questions])
-        width = max(len(p) for p in encoded)
-        ids = torch.full((len(encoded), width), self.token_ids.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, p in enumerate(encoded):
-            ids[b, width - len(p):] = torch.tensor(p)
-            mask[b, width - len(p):] = 1
-        batch = self.collate_for_inference(proteins, truncate).to(self.device)
-        return self.splice(ids.to(self.device), mask.to(self.device), batch, padding_side="left",
-                           structure_dropout=False)
-
-    def collate_for_inference(self, proteins: Sequence[tuple], truncate: bool = False):
-        """ESM batch of ``(sequence, coords|None, mask|None)`` for inference: a protein over
-        ``max_residues`` is an error unless ``truncate``; the rest are cut to ``crop_residues``."""
-        cfg = self.config
-        if cfg.crop_residues is not None and not truncate:
-            collate_proteins(self.encoder.alphabet, [(p[0], None, None) for p in proteins],
-                             max_residues=cfg.max_residues)  # raises ProteinBatchError naming the item
-        limit = min(cfg.max_residues, cfg.crop_residues or cfg.max_residues)
-        return collate_proteins(self.encoder.alphabet, list(proteins), max_residues=limit,
-                                truncate=truncate or cfg.crop_residues is not None)
+    def build_generation_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                protein: ProteinBatch) -> SplicedInputs:
+        """Left-padded spliced prompts: ``input_ids`` / ``attention_mask`` [B, T] (any padding side)
+        and one protein per row (``SepitProcessor.generation_inputs`` builds all three)."""
+        return self.splice(input_ids.to(self.device), attention_mask.to(self.device), protein.to(self.device),
+                           padding_side="left", structure_dropout=False)
 
     @torch.no_grad()
-    def generate_ids(self, questions: Sequence[str], proteins: Sequence[tuple], max_new_tokens: int = 128,
-                     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     stop: Sequence[str] | None = None, seed: int | None = None,
-                     truncate: bool = False) -> list[list[int]]:
-        """New token ids per question (eos excluded); see :meth:`generate`.
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, protein: ProteinBatch,
+                 max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None, stop_check: Callable[[int, list[int]], bool] | None = None
+                 ) -> list[list[int]]:
+        """New token ids per prompt row (eos excluded).
 
+        ``input_ids`` / ``attention_mask`` [B, T] hold the chat prompts, ``protein`` row b's
+        protein.  Greedy, or temperature / top-p sampling with ``seed``; a row ends at eos, after
+        ``max_new_tokens``, or when ``stop_check(row, ids)`` says so (the processor's stop strings).
         Prompts are prefilled in length buckets (sorted, so little left padding) whose rows then
         decode as one batch; rows leave the batch as they end."""
         cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, seed)
-        if len(questions) != len(proteins):
-            raise ValueError(f"{len(questions)} questions but {len(proteins)} proteins; pass one protein per question")
-        if not questions:
-            raise ValueError("generate() needs at least one question")
-        encoded = [prompts.encode_prompt(self.tokenizer, q) for q in questions]
+        n = input_ids.shape[0]
+        if n == 0:
+            raise ValueError("generate() needs at least one prompt")
+        if len(protein) != n or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"{n} prompts ({tuple(attention_mask.shape)} attention mask) but {len(protein)} "
+                             "proteins; pass one protein and one mask row per prompt")
         # LLM prompt length: the <protein> placeholder becomes <cls> residues <eos> (residues cropped).
-        limit = min(self.config.max_residues, self.config.crop_residues or self.config.max_residues)
-        lengths = [len(ids) + 1 + min(len(p[0]), limit) for ids, p in zip(encoded, proteins)]
+        lengths = (attention_mask.sum(1).cpu() + 1 + protein.lengths.cpu()).tolist()
         order: list[int] = []
         batch = None
         for bucket in length_buckets(lengths):
-            s = self.build_generation_inputs([questions[i] for i in bucket], [proteins[i] for i in bucket], truncate,
-                                             prompt_ids=[encoded[i] for i in bucket])
+            rows = torch.tensor(bucket, dtype=torch.long, device=input_ids.device)
+            s = self.build_generation_inputs(input_ids[rows], attention_mask[rows], protein.select(bucket))
             part = DecodeBatch.prefill(self, self.llm, s.inputs_embeds, s.attention_mask, s.position_ids, max_new_tokens)
             if batch is None:
                 batch = part
             else:
                 batch.concat(part, headroom=max_new_tokens)
             order += bucket
-        stops = [x for x in (stop or []) if x]
-
-        def stop_check(_row: int, ids: list[int]) -> bool:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            return any(x in text for x in stops)
-
-        ids = decode_batch(batch, self.token_ids.eos, self.token_ids.pad, cfg, stop_check if stops else None)
-        out: list[list[int]] = [[] for _ in questions]
+        ids = decode_batch(batch, self.token_ids.eos, self.token_ids.pad, cfg, stop_check)
+        out: list[list[int]] = [[] for _ in range(n)]
         for row, i in enumerate(order):
             out[i] = ids[row]
         return out
-
-    @torch.no_grad()
-    def generate(self, questions: Sequence[str], proteins: Sequence[tuple], max_new_tokens: int = 128,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 stop: Sequence[str] | None = None, seed: int | None = None, truncate: bool = False) -> list[str]:
-        """Answer each question about its protein; returns only the generated text.
-
-        ``proteins[i]`` is ``(sequence, coords [n, 3] Å | None, coord_mask [n] | None)``; batched
-        with left padding.  Generation ends at eos, after ``max_new_tokens``, or at the first of
-        the ``stop`` strings (cut from the text).
-        """
-        ids = self.generate_ids(questions, proteins, max_new_tokens, do_sample, temperature, top_p,
-                                stop, seed, truncate)
-        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-        for x in stop or []:
-            texts = [t.split(x, 1)[0] if x else t for t in texts]
-        return texts
 
     # ------------------------------------------------------------------ LoRA, freezing, optimizer groups
     def apply_lora(self, r: int = 8, alpha: int = 16, target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -383,7 +324,8 @@ class SepitForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | Path, extra_files: dict | None = None) -> Path:
-        """Self-contained folder: model.safetensors, config.json, tokenizer/ (no hub, no pickle)."""
+        """Model folder: model.safetensors and config.json (no hub, no pickle); the processor's
+        ``save_pretrained`` adds ``tokenizer/`` to the same folder."""
         if self.has_lora:
             raise ModelFolderError("the LLM carries LoRA adapters; call merge_lora() before save_pretrained()")
         cfg = copy.deepcopy(self.config)
@@ -396,11 +338,9 @@ class SepitForConditionalGeneration(nn.Module):
         config_dict = {
             "model_type": MODEL_TYPE, "format_version": 1, "sepit": to_dict(cfg),
             "llm_hf_config": self.llm.config.to_dict(), "encoder_alphabet": self.encoder.config.alphabet,
-            "tokenizer": TOKENIZER_DIR, "sources": sources,
+            "tokenizer": TOKENIZER_DIR, "token_ids": dataclasses.asdict(self.token_ids), "sources": sources,
         }
-        out = save_folder(directory, plain_moe_state_dict(self.state_dict()), config_dict, extra_files)
-        self.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-        return out
+        return save_folder(directory, plain_moe_state_dict(self.state_dict()), config_dict, extra_files)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, moe_backend: str = "plain",
@@ -417,8 +357,11 @@ class SepitForConditionalGeneration(nn.Module):
             raise ModelFolderError(f"{directory}: config.json is not a sepit model (model_type={data.get('model_type')!r})")
         config = from_dict(SepitConfig, data["sepit"])
         moe_cfg, config.moe = config.moe, None
-        tokenizer = load_llm_tokenizer(Path(directory) / TOKENIZER_DIR)
-        model = cls(config, tokenizer=tokenizer, encoder=ProteinEncoder(config.encoder),
+        if "token_ids" in data:
+            token_ids = SpecialTokenIds(**data["token_ids"])
+        else:  # folders written before the processor split record the ids only in their tokenizer
+            token_ids = special_token_ids(load_llm_tokenizer(Path(directory) / TOKENIZER_DIR))
+        model = cls(config, token_ids, config.llm.vocab_size, encoder=ProteinEncoder(config.encoder),
                     llm=build_llm_from_hf_config(data["llm_hf_config"]))
         state = load_state(directory)
         if moe_cfg is not None:
@@ -452,5 +395,5 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32) over positions whose label is not IGNORE_INDEX (-100)."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    n = (shift_labels != prompts.IGNORE_INDEX).sum().clamp_min(1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=prompts.IGNORE_INDEX, reduction="sum") / n
+    n = (shift_labels != IGNORE_INDEX).sum().clamp_min(1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum") / n

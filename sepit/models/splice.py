@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sepit.data import prompts  # module import: see sepit_lm.py on the import cycle
+from sepit.models.tokenizer import IGNORE_INDEX
 
 
 class SpliceError(ValueError):
@@ -85,7 +85,7 @@ def splice_protein_embeddings(
         spans.append((p, n))
         if labels is not None:
             lab = labels[b][real[b]]
-            fill = lab.new_full((n,), prompts.IGNORE_INDEX)
+            fill = lab.new_full((n,), IGNORE_INDEX)
             row_labels.append(torch.cat([lab[:p], fill, lab[p + 1:]]))
 
     width = max(r.shape[0] for r in rows)
@@ -94,7 +94,7 @@ def splice_protein_embeddings(
     out_embeds = fill_vec.expand(B, width, D).clone()
     out_mask = torch.zeros(B, width, dtype=torch.long, device=device)
     out_pos = torch.zeros(B, width, dtype=torch.long, device=device)
-    out_labels = None if labels is None else torch.full((B, width), prompts.IGNORE_INDEX, dtype=torch.long, device=device)
+    out_labels = None if labels is None else torch.full((B, width), IGNORE_INDEX, dtype=torch.long, device=device)
     padded_spans = []
     for b, row in enumerate(rows):
         n = row.shape[0]

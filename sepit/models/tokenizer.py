@@ -12,6 +12,10 @@ Two ways to get a tokenizer, both offline:
 * :func:`load_llm_tokenizer` opens a local Hugging Face tokenizer folder (e.g. TinyLlama's) and
   adds the SEPIT special tokens it lacks.  The model must then resize its embeddings to
   ``len(tokenizer)``.
+
+Which tokenizer a model gets is decided by the stage-1 step (``sepit.train.stage1``), not by the
+model; the model only receives its special-token ids and vocabulary size, and the tokenizer
+travels with it in :class:`sepit.processing.SepitProcessor` (``<model folder>/tokenizer/``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ BOP_TOKEN = "<bop>"
 PROTEIN_TOKEN = "<protein>"
 EOP_TOKEN = "<eop>"
 PROTEIN_SPECIAL_TOKENS = (BOP_TOKEN, PROTEIN_TOKEN, EOP_TOKEN)
+TOKENIZER_DIR = "tokenizer"
+"""Subfolder of a SEPIT model folder that holds the LLM tokenizer."""
+IGNORE_INDEX = -100
+"""Label value ignored by the loss (PyTorch ``cross_entropy``'s default ``ignore_index``)."""
 
 
 class TokenizerError(ValueError):
@@ -167,28 +175,3 @@ def load_llm_tokenizer(path: str | Path):
     add_sepit_special_tokens(tokenizer)
     special_token_ids(tokenizer)
     return tokenizer
-
-
-def bundled_tokenizer_corpus() -> list[str]:
-    """Real text shipped with sepit for training a tokenizer offline: the chat template's fixed
-    text, the bundled QA pairs and the UniProt annotation fields of the bundled proteins."""
-    import gzip
-    import json
-
-    from sepit.data.prompts import ASSISTANT_HEADER, SYSTEM_HEADER, SYSTEM_PROMPT, USER_HEADER
-    from sepit.resources import data_path
-
-    texts = [SYSTEM_HEADER + SYSTEM_PROMPT, USER_HEADER, ASSISTANT_HEADER]
-    with gzip.open(data_path("derived", "qa.jsonl.gz"), "rt") as fh:
-        for line in fh:
-            row = json.loads(line)
-            texts.append(f"{row['question']} {row['answer']}")
-    fields = ("protein_name", "function", "subcellular_location", "catalytic_activity",
-              "domain_comment", "similarity")
-    with gzip.open(data_path("derived", "proteins.jsonl.gz"), "rt") as fh:
-        for line in fh:
-            row = json.loads(line)
-            texts.extend(str(row[f]) for f in fields if row.get(f))
-            texts.extend(row.get("keywords") or [])
-            texts.extend(go["term"] for go in row.get("go") or [] if go.get("term"))
-    return texts

@@ -46,7 +46,7 @@ class DecodeRequest:
 
     item: GenerationItem
     prompt_ids: list[int]
-    """``prompts.encode_prompt`` of the question, computed once when the request was validated."""
+    """``SepitProcessor.encode_prompt`` of the question, computed once when the request was validated."""
     prompt_tokens: int
     enqueued: float
     deadline: float
@@ -73,14 +73,15 @@ class DecodeRequest:
 class ContinuousBatcher:
     """The replica's decode loop (see the module docstring); one model, one thread."""
 
-    def __init__(self, model, max_batch_size: int, admit_wait_s: float, stats: "RunnerStats",
+    def __init__(self, model, processor, max_batch_size: int, admit_wait_s: float, stats: "RunnerStats",
                  metrics: Optional[DecodeLoopMetrics] = None) -> None:
         self.model = model
+        self.processor = processor
         self.max_batch_size = max_batch_size
         self.admit_wait_s = admit_wait_s
         self.stats = stats
         self.metrics = metrics or DecodeLoopMetrics()
-        self.tokenizer = model.tokenizer
+        self.tokenizer = processor.tokenizer
         self.eos = model.token_ids.eos
         self._pending: collections.deque[DecodeRequest] = collections.deque()
         self._cv = threading.Condition()
@@ -203,11 +204,11 @@ class ContinuousBatcher:
         """(DecodeBatch, its requests) for ``group``; a failing group is retried one by one."""
         t0 = time.monotonic()
         try:
-            s = self.model.build_generation_inputs(
+            s = self.model.build_generation_inputs(**self.processor.generation_inputs(
                 [r.item.question for r in group],
                 [(r.item.sequence, r.item.coords, r.item.coord_mask) for r in group],
                 prompt_ids=[r.prompt_ids for r in group],
-            )
+            ))
             part = DecodeBatch.prefill(self.model, self.model.llm, s.inputs_embeds, s.attention_mask,
                                        s.position_ids, max(r.item.max_new_tokens for r in group))
         except Exception as exc:  # noqa: BLE001 - isolate the item that broke it

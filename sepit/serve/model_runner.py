@@ -49,20 +49,23 @@ class ModelLoadError(RuntimeError):
 
 
 def load_exported_model(model_dir: str, device: str):
-    """``SepitForConditionalGeneration.from_pretrained(model_dir)`` on ``device``, in eval mode.
+    """``(model, processor)`` of an exported folder: ``SepitForConditionalGeneration`` on
+    ``device`` in eval mode, and its ``SepitProcessor``.
 
     ``model_dir`` may be an object-store URI (``s3://...``): each replica downloads it into its
     own node's cache (``sepit.storage.localize_dir``), so replicas on any node can load it."""
     from sepit.models.sepit_lm import SepitForConditionalGeneration
+    from sepit.processing import SepitProcessor
 
     try:
         from sepit.tracking.models import localize_model  # also models:/NAME/VERSION, runs:/ID/model
 
         model_dir = str(localize_model(model_dir))
         model = SepitForConditionalGeneration.from_pretrained(model_dir)
+        processor = SepitProcessor.from_pretrained(model_dir)
     except Exception as exc:  # noqa: BLE001 - any failure here means "this folder is unusable"
         raise ModelLoadError(f"cannot load the SEPIT model in {model_dir}: {type(exc).__name__}: {exc}") from exc
-    return model.to(device).eval()
+    return model.to(device).eval(), processor
 
 
 def pick_device(num_gpus: float) -> str:
@@ -127,13 +130,14 @@ class SepitModelRunner:
         self.config = config
         self.user_config: Optional[dict] = None
         self.device = pick_device(config.num_gpus_per_replica)
-        self.model = load_exported_model(config.model_dir, self.device)
-        self.tokenizer = self.model.tokenizer
+        self.model, self.processor = load_exported_model(config.model_dir, self.device)
+        self.tokenizer = self.processor.tokenizer
         self.stats_ = RunnerStats()
         self.warm = False
         from sepit.serve.batcher import ContinuousBatcher
 
-        self.batcher = ContinuousBatcher(self.model, config.max_batch_size, config.batch_wait_timeout_s, self.stats_)
+        self.batcher = ContinuousBatcher(self.model, self.processor, config.max_batch_size,
+                                         config.batch_wait_timeout_s, self.stats_)
         self.warmup_ms = self._warm_up()
         # Counters and metrics start after the warm-up (and its last step's bookkeeping): they describe traffic.
         self.batcher.wait_idle(timeout=60.0)
@@ -190,16 +194,16 @@ class SepitModelRunner:
         """(refusal, None) when this model cannot take the item (checked alone, so a bad item never
         fails the rows it would have joined), else (None, a request for the decode loop).  The
         question is tokenised here, once."""
-        from sepit.data.prompts import PromptError, encode_prompt
+        from sepit.data.prompts import PromptError
         from sepit.models.protein_batch import ProteinBatchError
 
         item = with_defaults(item, self.config.generation, self.config.limits.max_new_tokens)
         try:
-            prompt_ids = encode_prompt(self.tokenizer, item.question)
+            prompt_ids = self.processor.encode_prompt(item.question)
         except PromptError as exc:
             return GenerationResult(error=str(exc), error_param="questions"), None
         try:
-            protein = self.model.collate_for_inference([(item.sequence, item.coords, item.coord_mask)])
+            protein = self.processor.protein_batch([(item.sequence, item.coords, item.coord_mask)])
         except ProteinBatchError as exc:
             return GenerationResult(error=f"protein: {str(exc).removeprefix('item 0: ')}", error_param="sequence"), None
         # LLM prompt length: template tokens + the protein span (<cls> residues <eos>, after the

@@ -60,8 +60,10 @@ class SepitPyfuncModel(mlflow.pyfunc.PythonModel):
         self.kind = model_type(folder)
         if self.kind == SEPIT_LM:
             from sepit.models.sepit_lm import SepitForConditionalGeneration
+            from sepit.processing import SepitProcessor
 
             self.model = SepitForConditionalGeneration.from_pretrained(folder).eval()
+            self.processor = SepitProcessor.from_pretrained(folder)
         elif self.kind == PROTEIN_ENCODER:
             from sepit.models.encoder import ProteinEncoder
 
@@ -83,8 +85,10 @@ class SepitPyfuncModel(mlflow.pyfunc.PythonModel):
         sequences = [str(s) for s in frame["sequence"]]
         if self.kind == SEPIT_LM:
             max_new = int((params or {}).get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-            answers = self.model.generate([str(q) for q in frame["question"]], [(s, None, None) for s in sequences],
-                                          max_new_tokens=max_new)
+            from sepit.processing import generate_answers
+
+            answers = generate_answers(self.model, self.processor, [str(q) for q in frame["question"]],
+                                       [(s, None, None) for s in sequences], max_new_tokens=max_new)
             return pd.DataFrame({"answer": answers})
         from sepit.models.protein_batch import collate_proteins
 

@@ -2,9 +2,9 @@
 and (stage 2) the per-expert token counts.
 
 A batch holds the chat-template prompt + answer token ids (right-padded with the dedicated
-``<pad>``; labels only on answer tokens and the closing eos, from
-:func:`sepit.data.prompts.encode_example`) and the proteins as an ESM batch; the model splices
-each protein's projected tokens at its ``<protein>``.
+``<pad>``; labels only on answer tokens and the closing eos) and the proteins as an ESM batch,
+both made by the task's :class:`~sepit.processing.SepitProcessor`; the model splices each
+protein's projected tokens at its ``<protein>``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .stage0 import esm_alphabet, proteins_of
+from .stage0 import proteins_of
 from .task import TrainTask, unwrap
 
 IGNORE_INDEX = -100
@@ -25,10 +25,12 @@ class ExampleError(ValueError):
 
 
 @lru_cache(maxsize=4)
-def llm_tokenizer(path: str):
+def llm_processor(path: str, alphabet: str):
+    """The processor of a tokenizer folder, once per process (loading costs more than a batch)."""
     from sepit.models.tokenizer import load_llm_tokenizer
+    from sepit.processing import SepitProcessor
 
-    return load_llm_tokenizer(path)
+    return SepitProcessor(load_llm_tokenizer(path), alphabet=alphabet)
 
 
 LOSS_PER = ("token", "example")
@@ -66,16 +68,21 @@ class InstructionTask(TrainTask):
         if self.max_residues < model.config.max_residues:
             model.config.crop_residues = self.max_residues
 
+    @property
+    def processor(self):
+        """Tokenizer, chat template and collation of this task (saved with the exported model)."""
+        return llm_processor(self.tokenizer_path, self.alphabet)
+
     # ------------------------------------------------------------------ data
     def row_length(self, row) -> int:
         # Residues plus a rough text-token count (~4 characters per BPE token).
         return len(row["sequence"]) + (len(row["question"]) + len(row["answer"])) // 4
 
     def encode(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
-        from sepit.data.prompts import PromptError, encode_example
+        from sepit.data.prompts import PromptError
 
         try:
-            ex = encode_example(llm_tokenizer(self.tokenizer_path), row["question"], row["answer"])
+            ex = self.processor.encode_example(row["question"], row["answer"])
         except PromptError as exc:
             raise ExampleError(f"dataset row {row.get('id')}: {exc}") from None
         ids, labels = ex["input_ids"], ex["labels"]
@@ -86,24 +93,9 @@ class InstructionTask(TrainTask):
         return ids[:keep], labels[:keep]
 
     def collate(self, rows, *, train):
-        from sepit.models.protein_batch import collate_proteins
-
-        tok = llm_tokenizer(self.tokenizer_path)
-        encoded = [self.encode(r) for r in rows]
-        width = max(len(ids) for ids, _ in encoded)
-        pad = tok.pad_token_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, (ids, lab) in enumerate(encoded):
-            input_ids[b, : len(ids)] = torch.tensor(ids)
-            labels[b, : len(lab)] = torch.tensor(lab)
-            attention[b, : len(ids)] = 1
-        protein = collate_proteins(esm_alphabet(self.alphabet), proteins_of(rows),
-                                   max_residues=self.max_residues, truncate=True)
-        n_tok = int(attention.sum()) + int(protein.lengths.sum())
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "protein": protein,
-                "num_tokens": n_tok, "num_examples": len(rows)}
+        batch = self.processor.collate_training([self.encode(r) for r in rows], proteins_of(rows), self.max_residues)
+        n_tok = int(batch["attention_mask"].sum()) + int(batch["protein"].lengths.sum())
+        return {**batch, "num_tokens": n_tok, "num_examples": len(rows)}
 
     # ------------------------------------------------------------------ loss
     def forward_loss(self, model, batch):

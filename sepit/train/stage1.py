@@ -8,6 +8,10 @@ Builds :class:`~sepit.models.sepit_lm.SepitForConditionalGeneration` from the st
 config (sizes, or a local Hugging Face folder in ``model.llm.path``), and trains all three parts:
 projector at ``train.lr``, encoder and LLM at ``train.lr × 0.1`` (docs/method.md), structure dropout
 ``model.structure_dropout`` (0.15).  Exports a self-contained model folder for stage 2.
+
+Stage 1 is also where the LLM tokenizer is chosen: ``model.tokenizer_path``, the LLM folder's
+tokenizer, or a byte-level BPE trained on the bundled text (:func:`build_tokenizer`); the export
+saves it with the model (``SepitProcessor.save_pretrained``) and later stages reuse it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,56 @@ class Stage1JobConfig:
         check_range(self.max_answer_tokens, "max_answer_tokens", lo=1)
 
 
+def bundled_tokenizer_corpus() -> list[str]:
+    """Real text shipped with sepit for training a tokenizer offline: the chat template's fixed
+    text, the bundled QA pairs and the UniProt annotation fields of the bundled proteins."""
+    import gzip
+    import json
+
+    from sepit.data.prompts import ASSISTANT_HEADER, SYSTEM_HEADER, SYSTEM_PROMPT, USER_HEADER
+    from sepit.resources import data_path
+
+    texts = [SYSTEM_HEADER + SYSTEM_PROMPT, USER_HEADER, ASSISTANT_HEADER]
+    with gzip.open(data_path("derived", "qa.jsonl.gz"), "rt") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts.append(f"{row['question']} {row['answer']}")
+    fields = ("protein_name", "function", "subcellular_location", "catalytic_activity",
+              "domain_comment", "similarity")
+    with gzip.open(data_path("derived", "proteins.jsonl.gz"), "rt") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts.extend(str(row[f]) for f in fields if row.get(f))
+            texts.extend(row.get("keywords") or [])
+            texts.extend(go["term"] for go in row.get("go") or [] if go.get("term"))
+    return texts
+
+
+def build_tokenizer(model_cfg: SepitConfig, out_dir: str | Path | None = None):
+    """The LLM tokenizer of a new model: ``model_cfg.tokenizer_path``, else the LLM folder's
+    (``llm.path``), else a byte-level BPE of ``llm.vocab_size`` trained on the bundled text
+    (written to ``out_dir`` when given)."""
+    from sepit.models.tokenizer import load_llm_tokenizer, train_llm_tokenizer
+
+    if model_cfg.tokenizer_path:
+        return load_llm_tokenizer(model_cfg.tokenizer_path)
+    if model_cfg.llm.path:
+        return load_llm_tokenizer(model_cfg.llm.path)
+    return train_llm_tokenizer(bundled_tokenizer_corpus(), vocab_size=model_cfg.llm.vocab_size, out_dir=out_dir,
+                               model_max_length=model_cfg.llm.max_position_embeddings)
+
+
+def initial_model(model_cfg: SepitConfig, tokenizer=None):
+    """``(model, processor)`` as stage 1 starts from them: the model built from ``model_cfg``
+    (random weights unless it names encoder / LLM folders) for ``tokenizer`` (default:
+    :func:`build_tokenizer`), and the processor that feeds it.  Benchmarks and tests use it too."""
+    from sepit.models.sepit_lm import SepitForConditionalGeneration
+    from sepit.processing import SepitProcessor
+
+    processor = SepitProcessor.for_model(tokenizer if tokenizer is not None else build_tokenizer(model_cfg), model_cfg)
+    return SepitForConditionalGeneration(model_cfg, processor.token_ids, processor.vocab_size), processor
+
+
 def prepare_tokenizer(model_cfg: SepitConfig, out_dir: Path) -> str:
     """The LLM tokenizer folder the workers load.
 
@@ -66,10 +120,7 @@ def prepare_tokenizer(model_cfg: SepitConfig, out_dir: Path) -> str:
         return model_cfg.llm.path
     folder = Path(out_dir) / "tokenizer"
     if not (folder / "tokenizer.json").is_file():
-        from sepit.models.tokenizer import bundled_tokenizer_corpus, train_llm_tokenizer
-
-        train_llm_tokenizer(bundled_tokenizer_corpus(), vocab_size=model_cfg.llm.vocab_size, out_dir=folder,
-                            model_max_length=model_cfg.llm.max_position_embeddings)
+        build_tokenizer(model_cfg, out_dir=folder)
     return str(folder)
 
 
@@ -87,7 +138,8 @@ class Stage1Task(InstructionTask):
     def build_model(self):
         from sepit.models.sepit_lm import SepitForConditionalGeneration
 
-        model = SepitForConditionalGeneration(copy.deepcopy(self.model_cfg))
+        model = SepitForConditionalGeneration(copy.deepcopy(self.model_cfg), self.processor.token_ids,
+                                              self.processor.vocab_size)
         if self.freeze_encoder:
             model.freeze(encoder=True)
         return model
@@ -98,6 +150,7 @@ class Stage1Task(InstructionTask):
     def export(self, model, out_dir: Path) -> None:
         self.record_crop(model)
         model.save_pretrained(out_dir)
+        self.processor.save_pretrained(out_dir)
 
     def describe(self) -> dict[str, Any]:
         return {"stage": self.stage, "encoder_path": self.model_cfg.encoder_path or "none",

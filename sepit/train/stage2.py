@@ -107,6 +107,7 @@ class Stage2Task(InstructionTask):
         export_for_inference(model)  # DeepSpeed experts -> plain PyTorch blocks, same weights
         self.record_crop(model)
         model.save_pretrained(out_dir)
+        self.processor.save_pretrained(out_dir)
 
     def describe(self) -> dict[str, Any]:
         return {"stage": self.stage, "init": self.init_dir, "freeze_encoder": self.freeze_encoder}
