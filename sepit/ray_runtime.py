@@ -54,6 +54,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         return ray.init(address=address, **kwargs)
+    # One local node: there is no other node to drain, so Ray Train's preemption watcher (an
+    # actor process per training run, seconds of CPU each) has nothing to watch.  Set before
+    # ray.init so the raylet, and with it every training controller, inherits it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("object_store_memory", 256 * 1024 * 1024)
     kwargs.setdefault("log_to_driver", True)

@@ -1,10 +1,12 @@
 """Feeding training workers from Ray Data: deterministic order, length buckets, dynamic padding.
 
 Driver side (:func:`load_split`, :func:`training_datasets`): a stage's Parquet split (a local
-folder or an object-store prefix, :mod:`sepit.storage`) as a Ray Dataset (training blocks in a seeded random order; small splits materialised once).  Ray Train splits ``train``
-across workers with ``streaming_split(equal=True)`` (``get_dataset_shard``) under
-``preserve_order``, so every worker sees the same rows in the same order on every run: that is
-what makes a resumed or restarted run continue exactly where it stopped.  ``val`` is not split by
+folder or an object-store prefix, :mod:`sepit.storage`) as a Ray Dataset (training blocks in a
+seeded random order) that Ray Train splits across workers with ``streaming_split(equal=True)``
+(``get_dataset_shard``) under ``preserve_order``; a small split instead goes into the object
+store once as one Arrow table (:class:`TableSplit`), of which each worker reads its own
+contiguous equal share.  Either way every worker sees the same rows in the same order on every
+run: that is what makes a resumed or restarted run continue exactly where it stopped.  ``val`` is not split by
 Ray; each worker takes every ``world``-th row of the first ``world * (n // world)`` rows, so all
 ranks evaluate the same number of batches (a ZeRO-3 forward is collective).
 
@@ -80,32 +82,90 @@ def training_datasets(
     dataset_dir: str | Path, stage: str, *, seed: int, columns: list[str] | None = None,
     materialize_mb: float = 64.0,
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    """``({"train": ds, "val": ds}, {"train": rows, "val": rows})`` ready for a TorchTrainer.
+    """``({"train": split, "val": split}, {"train": rows, "val": rows})`` ready for a TorchTrainer.
 
-    The training blocks are put in a seeded random order (fixed across epochs and restarts, a
-    cheap global mix for multi-file datasets); rows are then shuffled per epoch on the worker
-    (:func:`shuffled`).  A split whose Parquet file is at most ``materialize_mb`` MB is read once
-    here, by this process, straight into the object store (``ray.data.from_arrow``), so neither
-    this nor epochs, restarts or any worker's validation launch read tasks (each Ray Data
-    execution costs seconds of task start-up, 10-20 s on a cold cluster); larger splits stay lazy
-    and stream from storage in the workers, once per epoch.
+    A split whose Parquet file is at most ``materialize_mb`` MB is read once here, by this
+    process, into the object store as one Arrow table (:class:`TableSplit`): workers read their
+    share from it directly, so no Ray Data execution runs for it (each costs seconds of task
+    start-up, 10-20 s on a cold cluster) and Ray Train starts no dataset actors for it (a dataset
+    manager and a split coordinator per run, seconds of CPU each).  Larger splits are Ray Datasets
+    that stay lazy and stream from storage in the workers, once per epoch; their training blocks
+    are put in a seeded random order (fixed across epochs and restarts, a cheap global mix for
+    multi-file datasets).  Rows are shuffled per epoch on the worker (:func:`shuffled`).
     """
+    import ray
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     counts = {split: count_rows(dataset_dir, stage, split) for split in ("train", "val")}
     if counts["train"] == 0:
         raise EmptySplitError(f"{split_path(dataset_dir, stage, 'train')} has no rows")
-    datasets = {}
+    datasets: dict[str, Any] = {}
     for split in ("train", "val"):
         if split_path(dataset_dir, stage, split).size() <= materialize_mb * 2**20:
-            # One block (the file as one table): the same rows in the same order that a Parquet
-            # read of a one-row-group file gives, so there is no block order to randomise.
-            datasets[split] = ray.data.from_arrow(read_split_table(dataset_dir, stage, split, columns))
+            # The file as one table: the same rows in the same order that a Parquet read of a
+            # one-row-group file gives, so there is no block order to randomise.
+            datasets[split] = TableSplit(ray.put(read_split_table(dataset_dir, stage, split, columns)), counts[split])
         else:
             ds = load_split(dataset_dir, stage, split, columns)
             datasets[split] = ds.randomize_block_order(seed=seed) if split == "train" else ds
     return datasets, counts
+
+
+class TableSplit:
+    """A small split held in the object store as one Arrow table (see :func:`training_datasets`).
+
+    :meth:`shard` is what a worker iterates, with the ``iter_batches`` of a Ray Data shard:
+    the ``train`` split gives rank ``r`` rows ``[r * m, (r + 1) * m)`` with ``m = n // world``
+    (equal shares, the remainder dropped, as ``streaming_split(equal=True)``); ``val`` gives every
+    worker the whole table (:class:`ValidationRows` picks each rank's rows).
+    """
+
+    def __init__(self, ref: Any, n_rows: int):
+        self.ref, self.n_rows = ref, n_rows
+
+    def shard(self, rank: int = 0, world: int = 1, *, split: bool = True) -> "TableShard":
+        if not split:
+            return TableShard(self.ref, 0, self.n_rows)
+        share = self.n_rows // world
+        return TableShard(self.ref, rank * share, (rank + 1) * share)
+
+
+class TableShard:
+    """Rows ``[start, stop)`` of an Arrow table in the object store, read in batches."""
+
+    def __init__(self, ref: Any, start: int, stop: int):
+        self.ref, self.start, self.stop = ref, start, stop
+
+    def iter_batches(self, batch_size: int = 256, batch_format: str = "pyarrow",
+                     prefetch_batches: int = 0) -> Iterator[Any]:
+        import ray
+
+        if batch_format != "pyarrow":
+            raise ValueError(f"TableShard gives pyarrow batches, not {batch_format!r}")
+        table = ray.get(self.ref)
+        for lo in range(self.start, self.stop, batch_size):
+            yield table.slice(lo, min(batch_size, self.stop - lo))
+
+
+def ray_datasets(datasets: dict[str, Any]) -> dict[str, Any]:
+    """The splits Ray Train must handle (Ray Datasets); :class:`TableSplit` ones bypass it."""
+    return {k: v for k, v in datasets.items() if not isinstance(v, TableSplit)}
+
+
+def table_splits(datasets: dict[str, Any]) -> dict[str, "TableSplit"]:
+    """The splits the workers read straight from the object store."""
+    return {k: v for k, v in datasets.items() if isinstance(v, TableSplit)}
+
+
+def worker_shard(split: str, tables: dict[str, "TableSplit"], rank: int, world: int) -> Any:
+    """In a training worker: this rank's iterator over ``split`` (``train`` split across ranks,
+    ``val`` whole), from the object store or from Ray Train's dataset shard."""
+    if split in tables:
+        return tables[split].shard(rank, world, split=split == "train")
+    import ray.train
+
+    return ray.train.get_dataset_shard(split)
 
 
 def read_split_table(dataset_dir: str | Path, stage: str, split: str, columns: list[str] | None = None):
@@ -116,12 +176,14 @@ def read_split_table(dataset_dir: str | Path, stage: str, split: str, columns: l
     return pq.read_table(path.path, columns=columns, filesystem=path.filesystem)
 
 
-def data_config():
-    """Ray Train data config: split only ``train``; keep row order deterministic."""
+def data_config(datasets: dict[str, Any] | None = None):
+    """Ray Train data config: split only ``train`` (when Ray Train handles it); keep row order
+    deterministic."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig
 
-    return DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True))
+    split = ["train"] if datasets is None or "train" in datasets else []
+    return DataConfig(datasets_to_split=split, execution_options=ExecutionOptions(preserve_order=True))
 
 
 # --------------------------------------------------------------------------- worker side

@@ -36,7 +36,7 @@ from sepit.config.base import RUN_CONFIG, ConfigError, save_yaml, to_dict, write
 from .checkpoint import EXPORT_SUBDIR
 from .config import TrainConfig
 from .curves import plot_loss_curve
-from .data import EmptySplitError, data_config, training_datasets
+from .data import EmptySplitError, data_config, ray_datasets, table_splits, training_datasets
 from .lineage import ParentRef, build_lineage, dataset_fingerprint, write_lineage
 from .step_log import read_step_log
 from .task import TrainTask
@@ -153,7 +153,7 @@ def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tr
     return TorchTrainer(
         train_worker,
         train_loop_config={"task": task, "train": _worker_config(cfg), "mlflow": tracking, "val_rows": counts.get("val", 0),
-                           "progress": progress},
+                           "progress": progress, "tables": table_splits(datasets)},
         torch_config=TorchConfig(backend="nccl" if device == "cuda" else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=device == "cuda",
                                      resources_per_worker=resources),
@@ -165,8 +165,8 @@ def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tr
             # Ray Train's print patch tees every print to its logger: progress lines would show twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets=datasets,
-        dataset_config=data_config(),
+        datasets=ray_datasets(datasets),
+        dataset_config=data_config(ray_datasets(datasets)),
     )
 
 

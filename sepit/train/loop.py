@@ -25,7 +25,7 @@ import torch
 from .checkpoint import (EXPORT_SUBDIR, TrainerState, has_export, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import TrainConfig
-from .data import EpochFeeder, ValidationRows
+from .data import EpochFeeder, ValidationRows, worker_shard
 from .deepspeed_config import (
     build_deepspeed_config,
     register_zero3_child_parameters,
@@ -198,11 +198,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         seed_all(cfg.seed + _RANK_SEED_OFFSET * (rank + 1))  # different dropout per rank
     _write_worker_marker(cfg, rank, state.step if ckpt is not None else None)
 
-    feeder = EpochFeeder(ray.train.get_dataset_shard("train"), task, micro_batch_size=cfg.micro_batch_size,
+    tables = loop_config.get("tables") or {}
+    feeder = EpochFeeder(worker_shard("train", tables, rank, world), task, micro_batch_size=cfg.micro_batch_size,
                          window_batches=cfg.bucket_window, seed=cfg.seed, rank=rank,
                          shuffle_rows=cfg.shuffle_rows, epoch=state.epoch, batch_in_epoch=state.batch_in_epoch,
                          prefetch=cfg.prefetch_batches)
-    val_data = (ValidationRows(ray.train.get_dataset_shard("val"), task, n_rows=val_rows, rank=rank, world=world)
+    val_data = (ValidationRows(worker_shard("val", tables, rank, world), task, n_rows=val_rows, rank=rank, world=world)
                 if val_rows else None)
     log = StepLog(cfg.train_log, tracking_uri=tracking.get("tracking_uri"), run_id=tracking.get("run_id"),
                   progress=loop_config.get("progress")) if rank == 0 else None
