@@ -31,6 +31,7 @@ from sepit.config.base import (
     save_yaml,
     to_dict,
 )
+from sepit.errors import SepitError
 
 PRESET_DIR = Path(__file__).resolve().parent / "config" / "presets"
 PRESETS = ("tiny", "small", "paper")
@@ -327,8 +328,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_pipeline_config(args.preset, args.config, overrides)
         results = run_pipeline(cfg)
-    except ConfigError as exc:
-        print(f"sepit pipeline: invalid configuration: {exc}")
+    except SepitError as exc:
+        print(f"sepit pipeline: {'invalid configuration: ' if isinstance(exc, ConfigError) else ''}{exc}")
         return 2
     print(_final_report(cfg, results))
     return 0

@@ -15,6 +15,7 @@ projected vectors (docs/method.md §3).
 
 from __future__ import annotations
 
+from sepit.errors import SepitError
 from sepit.models.tokenizer import (
     BOP_TOKEN,
     EOP_TOKEN,
@@ -35,7 +36,7 @@ IGNORE_INDEX = -100
 """Label value ignored by the loss (PyTorch ``cross_entropy``'s default ``ignore_index``)."""
 
 
-class PromptError(ValueError):
+class PromptError(SepitError, ValueError):
     """A question or answer cannot be turned into a SEPIT prompt; the message says why."""
 
 

@@ -18,9 +18,10 @@ from typing import Any, Optional, Union
 import pandas as pd
 
 from sepit.data.prompts import PromptError, encode_example
+from sepit.errors import SepitError
 
 
-class TokenizeError(ValueError):
+class TokenizeError(SepitError, ValueError):
     """A record cannot be turned into token ids; the message names the record id."""
 
 

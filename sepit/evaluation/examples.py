@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 
 from sepit.data.prompts import PLACEHOLDER, PromptError, normalize_question
+from sepit.errors import SepitError
 from sepit.evaluation.answer_parsing import gold_letter, normalize_yes_no
 from sepit.structure.record import SEQUENCE_ALPHABET
 
 TASKS = ("caption", "open", "yes_no", "multiple_choice")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(SepitError, ValueError):
     """The evaluation data cannot be read at all (missing file, unknown format); names the path."""
 
 

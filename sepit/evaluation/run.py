@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sepit.config.base import ConfigError, check_choice, from_dict, load_config, to_dict
+from sepit.errors import SepitError
 from sepit.evaluation.bootstrap import BootstrapConfig
 from sepit.evaluation.generate import GenerationConfig, GenerationTask, generate_predictions, unusable_rows
 from sepit.evaluation.metrics import MetricsConfig
@@ -394,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
 
         with capture_logs(cfg.out):  # Ray/MLflow output -> <out>/logs/
             result = evaluate(cfg, parent_run_id=args.parent_run_id)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except SepitError as exc:
         print(f"sepit evaluate: {exc}", file=sys.stderr)
         return 2
     if not result["complete"]:

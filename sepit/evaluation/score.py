@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sepit.config.base import ConfigError, check_choice, load_config, to_dict
+from sepit.errors import SepitError
 from sepit.evaluation.answer_parsing import normalize_yes_no
 from sepit.evaluation.bootstrap import BootstrapConfig
 from sepit.evaluation.metrics import MetricsConfig
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(ScoreConfig, args.config, overrides=overrides + list(args.overrides))
         result = score_file(cfg)
-    except (ConfigError, PredictionsError, FileNotFoundError, ValueError) as exc:
+    except SepitError as exc:
         print(f"sepit score: {exc}", file=sys.stderr)
         return 2
     print(f"sepit score: {result['data']['n_evaluated']} {result['data']['format']} predictions scored; "

@@ -27,17 +27,18 @@ from esm.modules import ContactPredictionHead, ESM1bLayerNorm, RobertaLMHead, Tr
 from torch import nn
 
 from sepit.config.base import ConfigError, check_choice, check_range, from_dict, to_dict
+from sepit.errors import SepitError
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
 from sepit.models.structure_bias import GRAPH_MODES, StructureBias, StructureBiasConfig
 
 MODEL_TYPE = "sepit_protein_encoder"
 
 
-class EncoderInputError(ValueError):
+class EncoderInputError(SepitError, ValueError):
     """Tokens / coordinates handed to the encoder are inconsistent; the message says how."""
 
 
-class EsmCheckpointError(ValueError):
+class EsmCheckpointError(SepitError, ValueError):
     """A fair-esm checkpoint file is missing, unreadable or not an ESM-2 checkpoint."""
 
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from sepit.data import prompts  # module import: see sepit_lm.py on the import cycle
+from sepit.errors import SepitError
 
 
-class SpliceError(ValueError):
+class SpliceError(SepitError, ValueError):
     """A prompt row does not hold exactly one ``<protein>`` placeholder, or indices mismatch."""
 
 

@@ -22,6 +22,8 @@ from typing import Iterable
 
 from tokenizers import AddedToken
 
+from sepit.errors import SepitError
+
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 UNK_TOKEN = "<unk>"
@@ -32,7 +34,7 @@ EOP_TOKEN = "<eop>"
 PROTEIN_SPECIAL_TOKENS = (BOP_TOKEN, PROTEIN_TOKEN, EOP_TOKEN)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SepitError, ValueError):
     """A tokenizer folder is missing, unreadable, or lacks what SEPIT needs."""
 
 

@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from sepit.config.base import ConfigError, from_dict, load_config, load_yaml, merge
+from sepit.errors import SepitError
 from sepit.serve.config import ServeConfig
 
 RUNNER_NAME = "SepitModelRunner"
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         if is_model_uri(config.model_dir):  # models:/NAME@ALIAS -> one version for every replica
             config = replace(config, model_dir=pin_model_uri(config.model_dir), model_name=config.served_model_name)
         check_model_folder(str(localize_model(config.model_dir)))  # an s3:// / MLflow model is fetched (and cached) here too
-    except ValueError as exc:  # ConfigError and ModelFolderError are ValueErrors
+    except SepitError as exc:
         print(f"sepit serve: {exc}", file=sys.stderr)
         return 2
     auth_on = resolve_api_key_digest(config) is not None

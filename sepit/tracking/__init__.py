@@ -20,6 +20,8 @@ import platform
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from sepit.config.base import ConfigError
+
 DEFAULT_EXPERIMENT = "sepit"
 MLFLOW_DB = "mlflow.db"
 #: ``0`` turns off MLflow's system metrics for runs started here (e.g. in short tests).
@@ -53,7 +55,7 @@ def resolve_tracking_uri(uri: str | None = None, out_dir: str | Path | None = No
     if env and env not in _URIS_WE_SET:
         return env
     if out_dir is None:
-        raise ValueError("no MLflow tracking URI: pass one, set MLFLOW_TRACKING_URI, or give an output folder")
+        raise ConfigError("no MLflow tracking URI: pass one, set MLFLOW_TRACKING_URI, or give an output folder")
     return default_tracking_uri(out_dir)
 
 

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from sepit.errors import SepitError
+
 if TYPE_CHECKING:
     from sepit.storage import Location
 
@@ -36,11 +38,11 @@ SPLITS = ("train", "val", "test")
 COLLATE_LOCK = threading.Lock()
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(SepitError, FileNotFoundError):
     """A stage's dataset split is missing; the message names the expected file."""
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(SepitError, ValueError):
     """A split has too few rows to give every worker a batch."""
 
 

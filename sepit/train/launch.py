@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sepit.config.base import ConfigError, save_yaml, to_dict
+from sepit.errors import SepitError
 
 from .checkpoint import EXPORT_SUBDIR
 from .config import TrainConfig
@@ -44,7 +45,7 @@ from .task import TrainTask
 MLFLOW_RUN_FILE = "mlflow_run.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SepitError, RuntimeError):
     """A training run failed (after Ray Train's retries); the message carries the worker error."""
 
 

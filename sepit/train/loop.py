@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sepit.errors import SepitError
 from .checkpoint import (EXPORT_SUBDIR, TrainerState, has_export, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import TrainConfig
@@ -42,7 +43,7 @@ _RANK_SEED_OFFSET = 1_000_003
 _EVAL_SEED_OFFSET = 7_919
 
 
-class TrainGroupError(ValueError):
+class TrainGroupError(SepitError, ValueError):
     """A task's parameter groups are inconsistent with its model."""
 
 

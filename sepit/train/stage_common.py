@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from sepit.config.base import ConfigError, load_config
+from sepit.errors import SepitError
 
 T = TypeVar("T")
 
@@ -28,7 +29,7 @@ class StageDataConfig:
     """Built dataset folder (``sepit build-dataset``): stage{0,1,2}/{train,val,test}.parquet."""
 
 
-class StageInitError(ValueError):
+class StageInitError(SepitError, ValueError):
     """The folder a stage starts from is not the kind of model that stage needs."""
 
 
@@ -106,15 +107,11 @@ def run_cli(args: argparse.Namespace, name: str, preset_fn, cls, run_fn) -> int:
     from sepit.console import capture_logs
     from sepit.storage import staging_dir
 
-    from .data import EmptySplitError
-    from .launch import TrainingError
-    from .lineage import ParentNotFoundError
-
     try:
         config = config_from_args(args, preset_fn, cls)
         with capture_logs(staging_dir(config.train.output_dir)):  # Ray/DeepSpeed/MLflow -> <out>/logs/
             result = run_fn(config)
-    except (ConfigError, StageInitError, ParentNotFoundError, FileNotFoundError, EmptySplitError, TrainingError) as exc:
+    except SepitError as exc:
         print(f"sepit {name}: {exc}", file=sys.stderr)
         return 2
     metrics = result["metrics"]

@@ -21,7 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from sepit.config.base import ConfigError, to_dict
+from sepit.config.base import to_dict
+from sepit.errors import SepitError
 
 from .config import SweepConfig, load_sweep_config, local_cpus_needed, resolve_inputs, validate_sweep
 from .results import (METRIC_COLUMNS, attach_trial_files, best_record, best_row, sort_rows, summary_markdown,
@@ -35,7 +36,7 @@ SUMMARY_MD = "sweep.md"
 CONFIG_YAML = "sweep.yaml"
 
 
-class SweepError(RuntimeError):
+class SweepError(SepitError, RuntimeError):
     """The sweep cannot run (e.g. its output folder already holds a sweep)."""
 
 
@@ -256,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
 
         with capture_logs(staging_dir(cfg.out)):  # Ray Tune/Train/MLflow output -> <out>/logs/
             result = run_sweep(cfg)
-    except (ConfigError, SweepError) as exc:
+    except SepitError as exc:
         print(f"sepit sweep-experts: {exc}")
         return 2
     c = result["counts"]
