@@ -219,7 +219,7 @@ def generate_predictions(
     """
     import ray
 
-    from sepit.ray_runtime import init_ray
+    from sepit.ray_runtime import init_ray, set_data_progress_bars
 
     start = time.perf_counter()
     by_task = {t.name: t for t in tasks}
@@ -243,8 +243,7 @@ def generate_predictions(
     complete = True
     if items:
         init_ray()
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # on_batch reports progress; Ray's bars flood job logs
+        set_data_progress_bars(False)  # on_batch reports progress; Ray's bars flood job logs
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // config.batch_size)))
         ds = ds.map_batches(
             ModelReplica,

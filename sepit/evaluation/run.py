@@ -314,10 +314,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def log_to_mlflow(cfg: EvaluateConfig, result: dict, paths: dict[str, Path], lineage: dict,
                   parent_run_id: str | None) -> str:
-    import mlflow
-
     from sepit.evaluation.scoring import headline
-    from sepit.tracking import log_params, start_run
+    from sepit.tracking import log_artifact, log_metrics, log_params, log_report_files, start_run
 
     tags = {"sepit.stage": "evaluate", "sepit.model_path": result["model"]["path"]}
     if lineage.get("mlflow_run_id"):
@@ -327,12 +325,11 @@ def log_to_mlflow(cfg: EvaluateConfig, result: dict, paths: dict[str, Path], lin
         log_params(to_dict(cfg))
         flat = {f"{system}.{k}": v for system, block in result["systems"].items() for k, v in headline(block).items()}
         if flat:
-            mlflow.log_metrics(flat)
-        for p in paths.values():
-            mlflow.log_artifact(str(p), artifact_path="plots" if p.suffix == ".png" else None)
+            log_metrics(flat)
+        log_report_files(paths.values())
         for name in ("predictions.jsonl", "scores.jsonl"):
             if (Path(cfg.out) / name).is_file():
-                mlflow.log_artifact(str(Path(cfg.out) / name))
+                log_artifact(Path(cfg.out) / name)
         return run.info.run_id
 
 

@@ -138,16 +138,13 @@ def score_file(config: ScoreConfig | dict, parent_run_id: str | None = None) -> 
     }
     paths = write_report(out, result, per_sample)
     if cfg.mlflow:
-        import mlflow
-
-        from sepit.tracking import log_params, start_run
+        from sepit.tracking import log_metrics, log_params, log_report_files, start_run
 
         with start_run("score", tracking_uri=cfg.tracking_uri, out_dir=out, experiment=cfg.experiment,
                        parent_run_id=parent_run_id, tags={"sepit.stage": "score"}) as run:
             log_params(to_dict(cfg))
-            mlflow.log_metrics({f"model.{k}": v for k, v in headline(scored["model"]).items()})
-            for p in paths.values():
-                mlflow.log_artifact(str(p), artifact_path="plots" if p.suffix == ".png" else None)
+            log_metrics({f"model.{k}": v for k, v in headline(scored["model"]).items()})
+            log_report_files(paths.values())
             result["mlflow_run_id"] = run.info.run_id
         (out / "metrics.json").write_text(json.dumps(clean_json(result), indent=1))
     return result

@@ -144,11 +144,10 @@ def check_model_folder(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import ray
     from ray import serve
 
+    from sepit.ray_runtime import cluster_address
     from sepit.serve.auth import resolve_api_key_digest
 
     try:
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if config.host not in ("127.0.0.1", "localhost", "::1") and not auth_on:
         print(f"sepit serve: WARNING: listening on {config.host} without an API key "
               f"(set {config.api_key_env} to require one)", file=sys.stderr)
-    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    joined = bool(cluster_address(args.address))
     from sepit.console import capture_logs
 
     with capture_logs(args.log_dir) as logs:  # Ray Serve's and the replicas' output -> <log-dir>/logs/

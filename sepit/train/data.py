@@ -94,7 +94,9 @@ def training_datasets(
     """
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from sepit.ray_runtime import set_data_progress_bars
+
+    set_data_progress_bars(False)
     counts = {split: count_rows(dataset_dir, stage, split) for split in ("train", "val")}
     if counts["train"] == 0:
         raise EmptySplitError(f"{split_path(dataset_dir, stage, 'train')} has no rows")

@@ -177,9 +177,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     else:
         dev = torch.device("cpu")
     import deepspeed.ops
-    import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from sepit.ray_runtime import set_data_progress_bars
+
+    set_data_progress_bars(False)
 
     # The shared-memory comm op would be compiled (~20 s) by every first initialize on CPU;
     # gloo through torch.distributed is what we use anyway.

@@ -52,9 +52,9 @@ def sweep_config_dict(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _start_ray(cfg: SweepConfig, stage: Any) -> None:
-    from sepit.ray_runtime import init_ray
+    from sepit.ray_runtime import cluster_address, init_ray
 
-    remote = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    remote = cluster_address(cfg.ray_address)
     num_cpus = cfg.num_cpus
     if not remote and num_cpus is None:
         num_cpus = max(os.cpu_count() or 1, local_cpus_needed(cfg, stage))
@@ -140,36 +140,35 @@ def _close_trial_runs(rows: list[dict[str, Any]], tracking_uri: str) -> None:
     (its stage saw the workers vanish first): mark it KILLED (called once the trial's process is
     gone, see :func:`_wait_for_trial_processes`).  A failed trial whose process died before its
     run could close is marked FAILED."""
-    from mlflow.tracking import MlflowClient
+    from sepit.tracking import end_run_as, run_status
 
-    client = MlflowClient(tracking_uri)
     for row in rows:
         if not row["mlflow_run_id"] or row["status"] == "TERMINATED":
             continue
-        status = client.get_run(row["mlflow_run_id"]).info.status
+        status = run_status(row["mlflow_run_id"], tracking_uri)
         if row["status"] == "STOPPED" and status != "KILLED":
-            client.set_terminated(row["mlflow_run_id"], "KILLED")
+            end_run_as(row["mlflow_run_id"], tracking_uri, "KILLED")
         elif row["status"] == "ERROR" and status == "RUNNING":
-            client.set_terminated(row["mlflow_run_id"], "FAILED")
+            end_run_as(row["mlflow_run_id"], tracking_uri, "FAILED")
 
 
 def _log_to_mlflow(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] | None, cfg: SweepConfig,
                    param_keys: list[str]) -> None:
-    import mlflow
+    from sepit.tracking import log_artifact, log_metrics, log_params, set_tags
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("TERMINATED", "STOPPED", "ERROR")}
-    mlflow.log_metrics({"trials": len(rows), "trials_finished": counts["TERMINATED"],
-                        "trials_stopped": counts["STOPPED"], "trials_failed": counts["ERROR"]})
+    log_metrics({"trials": len(rows), "trials_finished": counts["TERMINATED"],
+                 "trials_stopped": counts["STOPPED"], "trials_failed": counts["ERROR"]})
     if best is not None:
-        mlflow.log_metric(f"best_{cfg.metric}", best["objective"])
-        mlflow.log_params({f"best.{k}": best[k] for k in param_keys})
-        mlflow.set_tags({"sepit.best_trial_id": best["trial_id"], "sepit.best_run_id": best["mlflow_run_id"],
-                         "sepit.best_model_dir": best["model_dir"]})
-        for k in METRIC_COLUMNS:
-            if best.get(k) is not None:
-                mlflow.log_metric(f"best.{k}", best[k])
+        log_metrics({f"best_{cfg.metric}": best["objective"]})
+        log_params({"best": {k: best[k] for k in param_keys}})
+        set_tags({"sepit.best_trial_id": best["trial_id"], "sepit.best_run_id": best["mlflow_run_id"],
+                  "sepit.best_model_dir": best["model_dir"]})
+        best_metrics = {f"best.{k}": best[k] for k in METRIC_COLUMNS if best.get(k) is not None}
+        if best_metrics:
+            log_metrics(best_metrics)
     for name in (RESULTS_CSV, BEST_JSON, SUMMARY_MD, CONFIG_YAML):
-        mlflow.log_artifact(str(out / name))
+        log_artifact(out / name)
 
 
 def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
