@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from sepit.config.base import ConfigError, check_range
-from sepit.evaluation.examples import protein_tuple
+from sepit.data.instruction_schema import row_protein
 from sepit.evaluation.likelihood import closed_set_options
 from sepit.evaluation.predictions import PredictionRecord, PredictionsStore
 
@@ -118,7 +118,7 @@ class ModelReplica:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Missing structures travel as empty lists (a typed Arrow column), back to None here.
         proteins = [
-            protein_tuple({"sequence": str(s), "coords": c if len(c) else None, "coord_mask": m if len(m) else None},
+            row_protein({"sequence": str(s), "coords": c if len(c) else None, "coord_mask": m if len(m) else None},
                           drop_structure=bool(d))
             for s, c, m, d in zip(batch["sequence"], batch["coords"], batch["coord_mask"], batch["drop_structure"])
         ]
@@ -172,7 +172,7 @@ def unusable_rows(rows: Sequence[dict], model_dir: str, truncate: bool = False) 
     bad = {}
     for r in rows:
         try:
-            collate_proteins(alphabet, [protein_tuple(r)], max_residues=max_residues, truncate=truncate)
+            collate_proteins(alphabet, [row_protein(r)], max_residues=max_residues, truncate=truncate)
         except ProteinBatchError as exc:
             bad[r["id"]] = str(exc).replace("item 0: ", "")
     return bad

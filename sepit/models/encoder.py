@@ -333,6 +333,23 @@ class ProteinEncoder(nn.Module):
         return model
 
 
+#: Fields a fair-esm checkpoint fixes itself: a config's values for them are not applied to it.
+ESM_ARCHITECTURE_FIELDS = ("num_layers", "embed_dim", "attention_heads", "token_dropout")
+
+
+def build_encoder(config: EncoderConfig, folder: str | Path | None = None,
+                  esm_checkpoint: str | Path | None = None) -> ProteinEncoder:
+    """The protein encoder to start from: a saved folder (``save_pretrained`` / stage-0 export), a
+    fair-esm checkpoint with ``config``'s other fields (structure bias, dropout, ...), or a random
+    init from ``config``."""
+    if folder:
+        return ProteinEncoder.from_pretrained(folder)
+    if esm_checkpoint:
+        overrides = {k: v for k, v in to_dict(config).items() if k not in ESM_ARCHITECTURE_FIELDS}
+        return ProteinEncoder.from_esm_checkpoint(esm_checkpoint, **overrides)
+    return ProteinEncoder(config)
+
+
 def _torch_load_checkpoint(path: Path) -> Any:
     if not path.is_file():
         raise EsmCheckpointError(f"fair-esm checkpoint {path} does not exist")

@@ -26,7 +26,7 @@ from sepit.config.base import check_choice, check_range, from_dict, to_dict
 # Module import (not names): sepit.data.prompts imports sepit.models.tokenizer, so a package
 # __init__ that imports this module must not see a half-initialised prompts module.
 from sepit.data import prompts
-from sepit.models.encoder import EncoderConfig, ProteinEncoder
+from sepit.models.encoder import EncoderConfig, ProteinEncoder, build_encoder
 from sepit.models.generation import DecodeBatch, SamplingConfig, decode_batch, length_buckets
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
 from sepit.models.llm import LLMConfig, build_llm, build_llm_from_hf_config
@@ -126,16 +126,6 @@ def build_tokenizer(config: SepitConfig):
                                model_max_length=config.llm.max_position_embeddings)
 
 
-def build_encoder(config: SepitConfig) -> ProteinEncoder:
-    if config.encoder_path:
-        return ProteinEncoder.from_pretrained(config.encoder_path)
-    if config.esm_checkpoint:
-        overrides = {k: v for k, v in to_dict(config.encoder).items()
-                     if k not in ("num_layers", "embed_dim", "attention_heads", "token_dropout")}
-        return ProteinEncoder.from_esm_checkpoint(config.esm_checkpoint, **overrides)
-    return ProteinEncoder(config.encoder)
-
-
 class SepitForConditionalGeneration(nn.Module):
     """Protein encoder + projector + causal LM; see the module docstring.
 
@@ -150,7 +140,7 @@ class SepitForConditionalGeneration(nn.Module):
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config)
         self.token_ids = special_token_ids(self.tokenizer)
-        self.encoder = encoder if encoder is not None else build_encoder(config)
+        self.encoder = encoder if encoder is not None else build_encoder(config.encoder, config.encoder_path, config.esm_checkpoint)
         config.encoder = self.encoder.config
         n_vocab = len(self.tokenizer)
         self.llm = llm if llm is not None else build_llm(config.llm, vocab_size=n_vocab)
@@ -422,10 +412,7 @@ class SepitForConditionalGeneration(nn.Module):
                     llm=build_llm_from_hf_config(data["llm_hf_config"]))
         state = load_state(directory)
         if moe_cfg is not None:
-            upcycle_to_moe(model, num_experts=moe_cfg.num_experts, top_k=moe_cfg.top_k,
-                           capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
-                           layers=moe_cfg.layers, aux_loss_coef=moe_cfg.aux_loss_coef, ep_size=moe_cfg.ep_size,
-                           min_capacity=moe_cfg.min_capacity, use_deepspeed=moe_backend == "deepspeed")
+            upcycle_to_moe(model, moe_cfg, use_deepspeed=moe_backend == "deepspeed")
             if moe_backend == "deepspeed":
                 state = deepspeed_moe_state_dict(state)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -438,14 +425,6 @@ class SepitForConditionalGeneration(nn.Module):
             model.llm.to(dtype)
             model.projector.to(dtype)
         return model.to(map_location)
-
-
-def apply_lora(model: SepitForConditionalGeneration, r: int = 8, alpha: int = 16,
-               target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-               dropout: float = 0.05) -> SepitForConditionalGeneration:
-    """Function form of :meth:`SepitForConditionalGeneration.apply_lora`; returns the model."""
-    model.apply_lora(r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
-    return model
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

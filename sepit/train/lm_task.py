@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from sepit.data.prompts import IGNORE_INDEX
 from sepit.errors import SepitError
+
 from .stage0 import esm_alphabet, proteins_of
 from .task import TrainTask, unwrap
-
-IGNORE_INDEX = -100
 
 
 class ExampleError(SepitError, ValueError):

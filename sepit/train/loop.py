@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sepit.errors import SepitError
+
 from .checkpoint import (EXPORT_SUBDIR, TrainerState, has_export, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import TrainConfig

@@ -77,22 +77,21 @@ def proteins_of(rows: list[dict[str, Any]]) -> list[tuple]:
     return [row_protein(r) for r in rows]
 
 
-def build_encoder(init: str | None, encoder_cfg: Any):
-    """The protein encoder to start from: a saved folder, a fair-esm checkpoint, or random init."""
-    from sepit.models.encoder import ProteinEncoder
+def initial_encoder(init: str | None, encoder_cfg: Any):
+    """The protein encoder to start from: ``init`` is a saved folder or a fair-esm checkpoint
+    file (checked here), none = random init."""
+    from sepit.models.encoder import MODEL_TYPE, build_encoder
 
-    if not init:
-        return ProteinEncoder(encoder_cfg)
-    path = Path(init)
+    path = Path(init) if init else None
+    if path is None:
+        return build_encoder(encoder_cfg)
     if path.is_dir():
         from .stage_common import check_model_folder
 
-        check_model_folder(path, "sepit_protein_encoder", "a protein encoder folder (stage-0 export)")
-        return ProteinEncoder.from_pretrained(path)
+        check_model_folder(path, MODEL_TYPE, "a protein encoder folder (stage-0 export)")
+        return build_encoder(encoder_cfg, folder=path)
     if path.is_file():
-        keep = {k: v for k, v in to_dict(encoder_cfg).items()
-                if k not in ("num_layers", "embed_dim", "attention_heads", "token_dropout")}
-        return ProteinEncoder.from_esm_checkpoint(path, **keep)
+        return build_encoder(encoder_cfg, esm_checkpoint=path)
     raise StageInitError(f"init_encoder={init}: no such folder or checkpoint file")
 
 
@@ -109,7 +108,7 @@ class Stage0Task(TrainTask):
     def build_model(self) -> torch.nn.Module:
         from sepit.models.stage0 import ProteinTextCLIP
 
-        encoder = build_encoder(self.init_encoder, self.model_cfg.encoder) if self.init_encoder else None
+        encoder = initial_encoder(self.init_encoder, self.model_cfg.encoder) if self.init_encoder else None
         return ProteinTextCLIP(self.model_cfg, encoder=encoder)
 
     def param_groups(self, model, lr):
