@@ -58,7 +58,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join ``address`` (or ``RAY_ADDRESS``) if given, else start a small local Ray on loopback.
 
     ``num_cpus`` sets the *logical* CPU count of a local Ray; it may exceed the physical cores so
-    that a data pipeline and training workers do not starve each other (see ENVIRONMENT notes).
+    that a data pipeline and training workers do not starve each other (docs/environment.md).
     """
     global _OWN_ADDRESS
     set_local_defaults()
