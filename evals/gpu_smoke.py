@@ -114,10 +114,10 @@ def build_stage_model(stage: int, preset: str):
     from sepit.config.base import from_dict
 
     if stage == 0:
-        from sepit.models.stage0 import ProteinTextCLIP, Stage0Config
+        from sepit.models.clip import ProteinTextCLIP, CLIPConfig
         from sepit.train.stage0 import stage0_preset
 
-        model = ProteinTextCLIP(from_dict(Stage0Config, stage0_preset(preset)["model"]))
+        model = ProteinTextCLIP(from_dict(CLIPConfig, stage0_preset(preset)["model"]))
         return model, model.param_groups(base_lr=1e-6)
     from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration
 

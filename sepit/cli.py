@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("sepit.pipeline", "the whole pipeline: preprocess -> dataset -> stages 0-2 -> evaluate"),
     "sweep-experts": ("sepit.tune.sweep", "Ray Tune sweep of stage 2 over expert counts"),
     "evaluate": ("sepit.evaluation.run", "batched generation + metrics + report"),
-    "score": ("sepit.evaluation.score", "score an existing predictions file"),
+    "score": ("sepit.evaluation.score_predictions", "score an existing predictions file"),
     "serve": ("sepit.serve.app", "Ray Serve HTTP endpoint over an exported model"),
     "plan": ("sepit.plan", "per-GPU memory and divisibility checks of a stage before launch"),
 }

@@ -67,11 +67,11 @@ class PipelineConfig:
     dataset: dict[str, Any] = field(default_factory=dict)
     """BuildConfig fields (proteins and out are set by the pipeline)."""
     stage0: dict[str, Any] = field(default_factory=dict)
-    """Stage0Config fields (data and output folder are set by the pipeline)."""
+    """Stage0JobConfig fields (data and output folder are set by the pipeline)."""
     stage1: dict[str, Any] = field(default_factory=dict)
-    """Stage1Config fields (data, init from stage 0 and output folder are set by the pipeline)."""
+    """Stage1JobConfig fields (data, init from stage 0 and output folder are set by the pipeline)."""
     stage2: dict[str, Any] = field(default_factory=dict)
-    """Stage2Config fields (data, init from stage 1 and output folder are set by the pipeline)."""
+    """Stage2JobConfig fields (data, init from stage 1 and output folder are set by the pipeline)."""
     evaluate: dict[str, Any] = field(default_factory=dict)
     """EvaluateConfig fields (model, data, compare_model and out are set by the pipeline)."""
 

@@ -54,7 +54,7 @@ def test_a_command_prints_a_sepit_error_in_one_line_with_exit_code_2(tmp_path, c
 
 def test_a_bug_is_not_swallowed_by_the_command_handler(tmp_path, monkeypatch):
     from sepit.cli import main
-    from sepit.evaluation import score
+    from sepit.evaluation import score_predictions as score
 
     def broken(cfg):
         raise KeyError("a bug")

@@ -16,7 +16,7 @@ from sepit.data.prompts import encode_answer
 from sepit.evaluation.generate import GenerationTask, ModelReplica, replica_item
 from sepit.evaluation.likelihood import OptionScores, closed_set_options, score_options, sequence_logprobs
 from sepit.evaluation.predictions import PredictionRecord
-from sepit.evaluation.scoring import RecordScorer, likelihood_outcome
+from sepit.evaluation.task_metrics import RecordScorer, likelihood_outcome
 from sepit.models.sepit_lm import SepitConfig, SepitForConditionalGeneration  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

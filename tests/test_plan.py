@@ -80,10 +80,10 @@ def test_paper_vocab_default_is_tinyllama_plus_sepit_tokens():
 def test_paper_stage0_counts_match_meta_model():
     from sepit.config.base import from_dict
     from sepit.models.encoder import ProteinEncoder
-    from sepit.models.stage0 import ProteinTextCLIP, Stage0Config
+    from sepit.models.clip import ProteinTextCLIP, CLIPConfig
     from sepit.train.stage0 import stage0_preset
 
-    cfg = from_dict(Stage0Config, stage0_preset("paper")["model"])
+    cfg = from_dict(CLIPConfig, stage0_preset("paper")["model"])
     with torch.device("meta"):  # the 650M encoder; the text encoder loads its real weights
         encoder = ProteinEncoder(cfg.encoder)
     model = ProteinTextCLIP(cfg, encoder=encoder)

@@ -170,7 +170,7 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
     from sepit.evaluation.predictions import write_predictions
     from sepit.evaluation.metrics import TextMetrics
     from sepit.evaluation.report import clean_json, write_report
-    from sepit.evaluation.scoring import RecordScorer, score_systems, summary_lines
+    from sepit.evaluation.task_metrics import RecordScorer, score_systems, summary_lines
     from sepit.evaluation.verdict import compare, short_verdict
     from sepit.ray_runtime import set_local_defaults
 
@@ -314,7 +314,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def log_to_mlflow(cfg: EvaluateConfig, result: dict, paths: dict[str, Path], lineage: dict,
                   parent_run_id: str | None) -> str:
-    from sepit.evaluation.scoring import headline
+    from sepit.evaluation.task_metrics import headline
     from sepit.tracking import log_artifact, log_metrics, log_params, log_report_files, start_run
 
     tags = {"sepit.stage": "evaluate", "sepit.model_path": result["model"]["path"]}

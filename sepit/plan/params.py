@@ -97,11 +97,11 @@ def count_stage_parameters(preset: str, stage: int, *, num_experts: int, vocab_s
         encoder_heads=enc.attention_heads, encoder_layers=enc.num_layers, structure=enc.use_structure,
         num_rbf=enc.num_rbf, chunk_size=enc.chunk_size, stage=stage, encoder_trained=stage < 2)
     if stage == 0:
-        from sepit.models.stage0 import Stage0Config
+        from sepit.models.clip import CLIPConfig
         from sepit.models.text_encoder import resolve_text_encoder_path
         from sepit.train.stage0 import stage0_preset
 
-        cfg = Stage0Config(**{k: v for k, v in stage0_preset(preset)["model"].items() if k != "encoder"})
+        cfg = CLIPConfig(**{k: v for k, v in stage0_preset(preset)["model"].items() if k != "encoder"})
         text_json = resolve_text_encoder_path(cfg.text_encoder_path or None) / "config.json"
         text_dim = json.loads(text_json.read_text())["hidden_size"]
         D, P = enc.embed_dim, cfg.projection_dim

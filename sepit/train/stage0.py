@@ -3,7 +3,7 @@
     sepit stage0 --preset small --data outputs/dataset --out runs/stage0
     python jobs/stage0.py --config stage0.yaml train.num_workers=2
 
-Trains :class:`~sepit.models.stage0.ProteinTextCLIP` (CLIP over the global batch + masked LM +
+Trains :class:`~sepit.models.clip.ProteinTextCLIP` (CLIP over the global batch + masked LM +
 3D denoising) on the dataset's stage-0 (protein, caption) pairs; backbone at ``train.lr``, new
 modules (structure bias, projections, heads) at ``train.lr × new_module_lr_mult``.  Validation
 reports the losses and protein↔caption retrieval accuracy over the whole validation split.
@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from sepit.config.base import check_range, to_dict
-from sepit.models.stage0 import Stage0Config
+from sepit.models.clip import CLIPConfig
 
 from .config import TrainConfig
 from .launch import run_training
@@ -32,7 +32,7 @@ from .task import TrainTask, unwrap
 
 @dataclass
 class Stage0JobConfig:
-    model: Stage0Config = field(default_factory=Stage0Config)
+    model: CLIPConfig = field(default_factory=CLIPConfig)
     """ProteinTextCLIP: encoder sizes, text encoder folder, projections, MLM / denoising settings."""
     data: StageDataConfig = field(default_factory=StageDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(run_name="stage0", lr=1e-6))
@@ -50,7 +50,7 @@ def stage0_preset(name: str) -> dict[str, Any]:
     sizes = {"tiny": dict(projection_dim=64, text_max_length=64),
              "small": dict(projection_dim=256, text_max_length=128),
              "paper": dict(projection_dim=512, text_max_length=256)}
-    model = Stage0Config.preset(name, **sizes[name]) if name in sizes else Stage0Config.preset(name)
+    model = CLIPConfig.preset(name, **sizes[name]) if name in sizes else CLIPConfig.preset(name)
     return {"model": to_dict(model), "train": train_preset(name, 0)}
 
 
@@ -106,7 +106,7 @@ class Stage0Task(TrainTask):
         self.max_residues = cfg.train.max_residues
 
     def build_model(self) -> torch.nn.Module:
-        from sepit.models.stage0 import ProteinTextCLIP
+        from sepit.models.clip import ProteinTextCLIP
 
         encoder = initial_encoder(self.init_encoder, self.model_cfg.encoder) if self.init_encoder else None
         return ProteinTextCLIP(self.model_cfg, encoder=encoder)
@@ -141,7 +141,7 @@ class Stage0Task(TrainTask):
         uncorrupted inputs, gathered from every rank; chance level = 1 / pairs)."""
         import torch.distributed as dist
 
-        from sepit.models.stage0 import retrieval_accuracy
+        from sepit.models.clip import retrieval_accuracy
 
         module = unwrap(model)
         batches = list(batches)

@@ -118,7 +118,7 @@ def score_file(config: ScoreConfig | dict, parent_run_id: str | None = None) -> 
     from sepit.config.base import from_dict
     from sepit.evaluation.metrics import TextMetrics
     from sepit.evaluation.report import clean_json, write_report
-    from sepit.evaluation.scoring import RecordScorer, headline, score_systems
+    from sepit.evaluation.task_metrics import RecordScorer, headline, score_systems
 
     cfg = config if isinstance(config, ScoreConfig) else from_dict(ScoreConfig, config)
     out = Path(cfg.out)
