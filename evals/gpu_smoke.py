@@ -115,7 +115,7 @@ def build_stage_model(stage: int, preset: str):
     from sepit.config.recipes import recipe
 
     if stage == 0:
-        from sepit.models.stage0 import ProteinTextCLIP
+        from sepit.models.clip import ProteinTextCLIP
 
         model = ProteinTextCLIP(recipe(preset).stage0.model)
         return model, model.param_groups(base_lr=1e-6), None

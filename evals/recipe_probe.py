@@ -35,7 +35,7 @@ def likelihood_accuracy(model, processor, rows: list[dict]) -> dict[str, float]:
     from sepit.evaluation.answer_parsing import gold_letter, normalize_yes_no
     from sepit.evaluation.likelihood import closed_set_options, score_options
     from sepit.evaluation.predictions import PredictionRecord
-    from sepit.evaluation.scoring import likelihood_outcome
+    from sepit.evaluation.task_metrics import likelihood_outcome
 
     out = {}
     for task in ("yes_no", "multiple_choice"):
@@ -59,7 +59,7 @@ def likelihood_accuracy(model, processor, rows: list[dict]) -> dict[str, float]:
 
 def majority_accuracy(train: list[dict], rows: list[dict]) -> dict[str, float]:
     from sepit.evaluation.baselines import majority_baseline
-    from sepit.evaluation.scoring import closed_set_outcome
+    from sepit.evaluation.task_metrics import closed_set_outcome
 
     recs = majority_baseline(train, rows)
     out = {}

@@ -18,7 +18,7 @@ from sepit.config.steps import STEPS
 COMMANDS: dict[str, tuple[str, str]] = {
     **{step.command: (step.module, step.help) for step in STEPS.values()},
     "pipeline": ("sepit.pipeline", "the whole pipeline: preprocess -> dataset -> stages 0-2 -> evaluate"),
-    "score": ("sepit.evaluation.score", "score an existing predictions file"),
+    "score": ("sepit.evaluation.score_predictions", "score an existing predictions file"),
     "serve": ("sepit.serve.app", "Ray Serve HTTP endpoint over an exported model"),
     "plan": ("sepit.plan", "per-GPU memory and divisibility checks of a stage before launch"),
 }

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from sepit.ray_runtime import set_data_progress_bars, set_quiet_worker_env
+
 #: Library logger families -> the log file under RUN/logs their records go to.
 LOG_FAMILIES = {
     "ray": "ray.log", "deepspeed": "deepspeed.log", "DeepSpeed": "deepspeed.log", "torch": "torch.log",
@@ -305,10 +307,7 @@ class _Capture:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.verbose:
-            # Workers of a local Ray inherit this (set before the Ray node starts).
-            for k, v in {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
-                self.saved_env[k] = os.environ.get(k)
-                os.environ.setdefault(k, v)
+            self.saved_env = set_quiet_worker_env()  # set before a local Ray node starts
         logging.captureWarnings(True)
         sepit_logger = logging.getLogger("sepit")
         self.sepit_level = sepit_logger.level
@@ -325,14 +324,7 @@ class _Capture:
         self.original_print = ray_worker.print_worker_logs
         ray_worker.print_worker_logs = self._patched
         if not self.verbose:
-            try:
-                from ray.data import DataContext
-
-                ctx = DataContext.get_current()
-                self.saved_data_bars = ctx.enable_progress_bars
-                ctx.enable_progress_bars = False
-            except ImportError:  # pragma: no cover - ray[data] is a dependency
-                pass
+            self.saved_data_bars = set_data_progress_bars(False)
         self.reroute()
 
     def _patched(self, data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
@@ -351,9 +343,7 @@ class _Capture:
         logging.getLogger("sepit").setLevel(self.sepit_level)
         logging.captureWarnings(False)
         if self.saved_data_bars is not None:
-            from ray.data import DataContext
-
-            DataContext.get_current().enable_progress_bars = self.saved_data_bars
+            set_data_progress_bars(self.saved_data_bars)
         for k, v in self.saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from sepit.config.base import RUN_CONFIG, ConfigError, from_dict, merge, to_dict, write_run_config
 from sepit.config.recipes import DEFAULT_PRESET, PRESETS, PipelineConfig, load
 from sepit.config.steps import PIPELINE_STEPS, STEPS
+from sepit.errors import SepitError
 
 
 # --------------------------------------------------------------------------- wiring
@@ -121,24 +122,25 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] | None = None) 
     Ray, DeepSpeed and MLflow output goes to ``<out>/logs/`` (``--verbose`` shows it too); ``log``
     receives the project's own lines (default: the console).
     """
-    import mlflow  # its logger is configured at import: before the capture reroutes it
-
     from sepit.console import capture_logs, say
+    from sepit.tracking import import_mlflow
+
+    import_mlflow()  # its logger is configured at import: before the capture reroutes it
 
     out = Path(cfg.out).resolve()
     typed = validate(cfg)
     write_run_config(wire(cfg), out)
     with capture_logs(out) as logs:
         (log or say)(f"sepit pipeline ({cfg.preset}): {len(cfg.steps)} steps -> {out}  (Ray/DeepSpeed/MLflow logs: {logs})")
-        return _run_steps(cfg, typed, out, log or say, mlflow)
+        return _run_steps(cfg, typed, out, log or say)
 
 
-def _run_steps(cfg: PipelineConfig, typed: dict[str, Any], out: Path, log: Callable[[str], None], mlflow: Any) -> dict[str, Any]:
+def _run_steps(cfg: PipelineConfig, typed: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     import ray
 
     from sepit.console import rerouted
     from sepit.ray_runtime import init_ray
-    from sepit.tracking import log_params, resolve_tracking_uri, start_run
+    from sepit.tracking import log_artifact, log_metrics, log_params, resolve_tracking_uri, start_run
 
     started_ray = not ray.is_initialized()
     init_ray(address=cfg.ray_address, num_cpus=cfg.num_cpus)
@@ -154,7 +156,7 @@ def _run_steps(cfg: PipelineConfig, typed: dict[str, Any], out: Path, log: Calla
     try:
         with start_run(f"pipeline-{cfg.preset}", tracking_uri=uri, tags={"sepit.kind": "pipeline"}) as run:
             log_params({"preset": cfg.preset, "steps": cfg.steps, "out": str(out)})
-            mlflow.log_artifact(str(out / RUN_CONFIG))
+            log_artifact(out / RUN_CONFIG)
             for i, step in enumerate(cfg.steps, 1):
                 _, fn = STEPS[step].load()
                 done = out / f".{step}.done"
@@ -169,11 +171,11 @@ def _run_steps(cfg: PipelineConfig, typed: dict[str, Any], out: Path, log: Calla
                 result = _call(step, fn, typed[step], run.info.run_id)
                 dt = time.time() - t0
                 results[step] = result
-                mlflow.log_metric(f"pipeline.{step}_seconds", dt)
+                log_metrics({f"pipeline.{step}_seconds": dt})
                 done.write_text(json.dumps(result, default=str))
                 summary = _summary_line(step, result)
                 log(f"{head}: done in {_duration(dt)}" + (f"  {summary}" if summary else ""))
-            mlflow.log_metric("pipeline.total_seconds", time.time() - t_all)
+            log_metrics({"pipeline.total_seconds": time.time() - t_all})
             results["mlflow_run_id"] = run.info.run_id
     finally:
         if started_ray and ray.is_initialized():
@@ -234,8 +236,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load("pipeline", args.preset, args.config, flags, args.overrides)
         results = run_pipeline(cfg)
-    except ConfigError as exc:
-        print(f"sepit pipeline: invalid configuration: {exc}")
+    except SepitError as exc:
+        print(f"sepit pipeline: {'invalid configuration: ' if isinstance(exc, ConfigError) else ''}{exc}")
         return 2
     print(_final_report(cfg, results))
     return 0

@@ -38,6 +38,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from sepit.errors import SepitError
+
 #: Schemes handled by an object-store filesystem; everything else is a local path.
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
 CACHE_ENV = "SEPIT_CACHE_DIR"
@@ -45,7 +47,7 @@ CACHE_ENV = "SEPIT_CACHE_DIR"
 _SOURCE_SUFFIX = ".source.json"
 
 
-class StorageError(FileNotFoundError, ValueError):
+class StorageError(SepitError, FileNotFoundError, ValueError):
     """A storage location cannot be used; the message names the URI and the reason (missing path,
     missing bucket, no credentials, unreachable endpoint).  A FileNotFoundError and a ValueError,
     so each command's handler for a missing or bad input prints it as a one-line error."""

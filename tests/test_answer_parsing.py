@@ -6,7 +6,7 @@ import pytest
 
 from sepit.evaluation.answer_parsing import gold_letter, parse_choice, parse_yes_no
 from sepit.evaluation.predictions import PredictionRecord
-from sepit.evaluation.scoring import closed_set_outcome
+from sepit.evaluation.task_metrics import closed_set_outcome
 
 # The DeepLoc options of the bundled multiple-choice records.
 LOCATIONS = [

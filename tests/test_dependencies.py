@@ -3,7 +3,7 @@
 ``sepit/`` is read with ``ast`` (every import statement, at any depth, including those inside
 functions); each top-level module is mapped to the distribution that installed it
 (``importlib.metadata.packages_distributions``).  An unguarded import must be a main
-dependency; an optional extra (``[graph]``, ``[lora]``) may hold only what is imported inside
+dependency; an optional extra (``[lora]``) may hold only what is imported inside
 ``try: ... except ImportError`` (so a missing extra is a clear error, not a traceback); every main
 dependency must be imported by ``sepit/``; the ``dev`` extra must cover what ``tests/`` imports.
 """
@@ -35,7 +35,7 @@ class Declared:
     main: dict[str, str]
     """normalised name -> version specifier"""
     extras: dict[str, set[str]]
-    """extra -> normalised names (self-references like ``sepit[graph]`` expanded)"""
+    """extra -> normalised names (self-references like ``sepit[lora]`` expanded)"""
 
 
 def _declared() -> Declared:
@@ -50,7 +50,7 @@ def _declared() -> Declared:
     def expand(extra: str, seen: tuple[str, ...] = ()) -> set[str]:
         out = set()
         for name, sub, _ in raw[extra]:
-            if _norm(name) == _norm(project["name"]):  # sepit[graph,lora] inside dev
+            if _norm(name) == _norm(project["name"]):  # sepit[lora] inside dev
                 for e in (sub or "").split(","):
                     if e.strip() and e.strip() not in seen:
                         out |= expand(e.strip(), seen + (extra,))

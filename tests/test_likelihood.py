@@ -17,7 +17,7 @@ from lm_support import build_lm, save_lm
 from sepit.evaluation.generate import GenerationTask, ModelReplica, replica_item
 from sepit.evaluation.likelihood import OptionScores, closed_set_options, score_options, sequence_logprobs
 from sepit.evaluation.predictions import PredictionRecord
-from sepit.evaluation.scoring import RecordScorer, likelihood_outcome
+from sepit.evaluation.task_metrics import RecordScorer, likelihood_outcome
 from sepit.models.sepit_lm import SepitForConditionalGeneration
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

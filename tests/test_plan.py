@@ -81,7 +81,7 @@ def test_paper_vocab_default_is_tinyllama_plus_sepit_tokens():
 def test_paper_stage0_counts_match_meta_model():
     from sepit.config.recipes import recipe
     from sepit.models.encoder import ProteinEncoder
-    from sepit.models.stage0 import ProteinTextCLIP
+    from sepit.models.clip import ProteinTextCLIP
 
     cfg = recipe("paper").stage0.model
     with torch.device("meta"):  # the 650M encoder; the text encoder loads its real weights

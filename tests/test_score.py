@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from sepit.evaluation.score import extract_response_answer, read_any_predictions, score_file
+from sepit.evaluation.score_predictions import extract_response_answer, read_any_predictions, score_file
 from sepit.resources import data_path
 
 SYSTEM = "You are a helpful biological assistant."

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from sepit.models.encoder import ProteinEncoder
 from sepit.models.protein_batch import collate_proteins
-from sepit.models.stage0 import (
-    ProteinTextCLIP, Stage0Config, clip_loss, gather_with_grad, mask_residues, retrieval_accuracy,
+from sepit.models.clip import (
+    ProteinTextCLIP, CLIPConfig, clip_loss, gather_with_grad, mask_residues, retrieval_accuracy,
 )
 from sepit.models.text_encoder import TextEncoderError, build_tiny_bert, default_text_encoder_path, load_text_encoder
 from sepit.resources import data_path
@@ -45,7 +45,7 @@ def tiny_bert(tmp_path_factory):
 
 def build(tiny_bert, seed: int = 0, **kw) -> ProteinTextCLIP:
     torch.manual_seed(seed)
-    return ProteinTextCLIP(Stage0Config.preset("tiny", text_encoder_path=str(tiny_bert), projection_dim=32, **kw))
+    return ProteinTextCLIP(CLIPConfig.preset("tiny", text_encoder_path=str(tiny_bert), projection_dim=32, **kw))
 
 
 def batch_of(model, pairs, drop_structure_of: int | None = None, max_residues: int = 72):

@@ -20,10 +20,12 @@ from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
+from sepit.errors import SepitError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(SepitError, ValueError):
     """A config value is invalid; the message names the dotted field path and the reason."""
 
 

@@ -9,7 +9,7 @@ stage 1 that ``sepit pipeline --preset small`` trains (apart from the paths the 
 A recipe is built in two layers, both here:
 
 * the training stages' defaults per preset (:func:`_stage_defaults`: model sizes from the
-  ``EncoderConfig``/``LLMConfig``/``SepitConfig``/``Stage0Config`` size tables, steps, learning
+  ``EncoderConfig``/``LLMConfig``/``SepitConfig``/``CLIPConfig`` size tables, steps, learning
   rates, ZeRO, answer lengths);
 * ``sepit/config/presets/<name>.yaml`` on top: what the pipeline decided and measured for that
   preset (shorter proteins, stage-2 per-example loss, steps, evaluation sample ...).
@@ -117,14 +117,14 @@ def _stage_defaults(name: str) -> dict[str, Any]:
     training defaults and answer lengths; the preset's YAML goes on top."""
     from sepit.models.moe import MoEConfig
     from sepit.models.sepit_lm import SepitConfig
-    from sepit.models.stage0 import Stage0Config
+    from sepit.models.clip import CLIPConfig
 
     sizes0 = {"tiny": dict(projection_dim=64, text_max_length=64),
               "small": dict(projection_dim=256, text_max_length=128),
               "paper": dict(projection_dim=512, text_max_length=256)}[name]
     answer = {"tiny": 96, "small": 256, "paper": 1024}[name]
     return {
-        "stage0": {"model": to_dict(Stage0Config.preset(name, **sizes0)), "train": _train_defaults(name, 0)},
+        "stage0": {"model": to_dict(CLIPConfig.preset(name, **sizes0)), "train": _train_defaults(name, 0)},
         "stage1": {"model": to_dict(SepitConfig.preset(name)), "train": _train_defaults(name, 1),
                    "max_answer_tokens": answer},
         "stage2": {"moe": to_dict(MoEConfig()), "train": _train_defaults(name, 2), "max_answer_tokens": answer},

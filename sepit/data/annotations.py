@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from sepit.errors import SepitError
+
 #: Categories of instruction records (contract column ``category``).
 CATEGORIES = (
     "function", "location", "family", "domains_motifs", "keywords", "go", "ec",
@@ -35,7 +37,7 @@ _SPACES = re.compile(r"\s+")
 _DOUBLE_STOP = re.compile(r"\.\s*\.(?!\.)")
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(SepitError, ValueError):
     """An annotation file or one of its records is malformed.
 
     ``line`` is a 1-based line number or a record locator (``"entry 3 (P12345)"``).

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sepit.config.base import ConfigError, check_choice, check_range, load_config, to_dict
-from sepit.data.annotations import ANNOTATION_CATEGORIES, AnnotationFormatError, ProteinAnnotation
+from sepit.data.annotations import ANNOTATION_CATEGORIES, ProteinAnnotation
 from sepit.data.build_inputs import (
     InputLedger, default_annotation_files, default_id_maps, load_id_maps, read_inputs,
 )
@@ -46,10 +46,10 @@ from sepit.data.instruction_schema import INSTRUCTION_SCHEMA, SKIPPED_SCHEMA, ST
 from sepit.data.protein_join import StoreIndex
 from sepit.data.questions import CLOSED_SET_CATEGORIES
 from sepit.data.splits import SPLITS, cross_split_violations, homology_split
-from sepit.structure.store import StoreError
+from sepit.errors import SepitError
 
 
-class BuildError(RuntimeError):
+class BuildError(SepitError, RuntimeError):
     """The build cannot run, or its counts failed to reconcile."""
 
 
@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
 
         with capture_logs(staging_dir(config.out).parent):  # the dataset folder is replaced whole
             card = build_dataset(config)
-    except (ConfigError, BuildError, FileNotFoundError, StoreError, AnnotationFormatError) as exc:
+    except SepitError as exc:
         print(f"sepit build-dataset: {exc}", file=sys.stderr)
         return 2
     from sepit.data.card import summary_lines

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 STAGES = (0, 1, 2)
 INSTRUCTION_SCHEMA = pa.schema([
@@ -51,18 +50,12 @@ def stage_split_path(root: str | Path, stage: int, split: str) -> Path:
     return Path(root) / f"stage{stage}" / f"{split}.parquet"
 
 
-def read_split(root: str | Path, stage: int, split: str) -> pa.Table:
-    """One stage/split table of a built dataset."""
-    path = stage_split_path(root, stage, split)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; build the dataset with `sepit build-dataset`")
-    return pq.read_table(path)
-
-
-def row_protein(row: dict[str, Any]) -> tuple[str, np.ndarray | None, np.ndarray | None]:
-    """(sequence, coords [n,3] float32 or None, coord_mask [n] bool or None) of one row."""
+def row_protein(row: dict[str, Any], drop_structure: bool = False) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """(sequence, coords [n,3] float32 or None, coord_mask [n] bool or None) of one row: the
+    protein argument of the encoder's collate and of ``generate``; ``drop_structure`` gives the
+    sequence alone."""
     seq = row["sequence"]
-    if row.get("coords") is None:
+    if drop_structure or row.get("coords") is None:
         return seq, None, None
     coords = np.asarray(row["coords"], np.float32).reshape(len(seq), 3)
     return seq, coords, np.asarray(row["coord_mask"], bool)

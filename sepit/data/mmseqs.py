@@ -27,17 +27,19 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sepit.errors import SepitError
+
 #: Environment variable naming the mmseqs binary (else ``mmseqs`` on PATH).
 MMSEQS_ENV = "SEPIT_MMSEQS"
 INSTALL_HINT = ("install MMseqs2 (Debian/Ubuntu: `apt-get install -y mmseqs2`), put `mmseqs` on PATH "
                 f"or set {MMSEQS_ENV}=/path/to/mmseqs")
 
 
-class MmseqsNotFound(FileNotFoundError):
+class MmseqsNotFound(SepitError, FileNotFoundError):
     """The MMseqs2 search was asked for but no ``mmseqs`` binary can be found."""
 
 
-class MmseqsError(RuntimeError):
+class MmseqsError(SepitError, RuntimeError):
     """``mmseqs`` ran and failed."""
 
 

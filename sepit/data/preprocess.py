@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sepit.config.base import ConfigError, check_choice, check_range, load_config, to_dict
+from sepit.errors import SepitError
 from sepit.structure.formats import FILE_FORMATS
 from sepit.structure.inputs import Discovery, default_inputs, discover_inputs, is_hdf5
 from sepit.structure.parse import ParseOptions, parse_file, sha256_file
@@ -51,7 +52,7 @@ OUTCOME_SCHEMA = pa.schema(list(st.STORE_SCHEMA) + [
 ])
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(SepitError, RuntimeError):
     """The job cannot run (no inputs, unsafe output folder) or its counts failed to reconcile."""
 
 
@@ -365,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         with capture_logs(staging_dir(config.out).parent):  # the store folder is replaced whole
             manifest = run_preprocess(config)
-    except (ConfigError, PreprocessError) as exc:
+    except SepitError as exc:
         print(f"sepit preprocess: {exc}", file=sys.stderr)
         return 2
     store = st.ProteinStore(config.out)

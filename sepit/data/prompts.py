@@ -15,6 +15,7 @@ projected vectors (docs/method.md §3).
 
 from __future__ import annotations
 
+from sepit.errors import SepitError
 from sepit.models.tokenizer import (
     BOP_TOKEN,
     EOP_TOKEN,
@@ -34,7 +35,7 @@ USER_HEADER = "\n<|user|>\n"
 ASSISTANT_HEADER = "\n<|assistant|>\n"
 
 
-class PromptError(ValueError):
+class PromptError(SepitError, ValueError):
     """A question or answer cannot be turned into a SEPIT prompt; the message says why."""
 
 

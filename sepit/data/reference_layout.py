@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 from sepit.data.instruction_schema import STAGES, row_protein, stage_split_path
 from sepit.data.readers.reference_jsonl import read_reference_jsonl
 from sepit.data.splits import SPLITS
+from sepit.errors import SepitError
 
 
-class ReferenceLayoutError(ValueError):
+class ReferenceLayoutError(SepitError, ValueError):
     """A reference-layout folder is incomplete or disagrees with itself."""
 
 

@@ -35,9 +35,10 @@ from typing import Sequence
 import numpy as np
 
 from sepit.config.base import ConfigError, check_range
+from sepit.errors import SepitError
 
 
-class BertScoreError(RuntimeError):
+class BertScoreError(SepitError, RuntimeError):
     """The BERTScore encoder folder is missing or unusable; the message names the folder."""
 
 

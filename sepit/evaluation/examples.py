@@ -20,16 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sepit.data.prompts import PLACEHOLDER, PromptError, normalize_question
+from sepit.errors import SepitError
 from sepit.evaluation.answer_parsing import gold_letter, normalize_yes_no
 from sepit.structure.record import SEQUENCE_ALPHABET
 
 TASKS = ("caption", "open", "yes_no", "multiple_choice")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(SepitError, ValueError):
     """The evaluation data cannot be read at all (missing file, unknown format); names the path."""
 
 
@@ -232,13 +231,3 @@ def load_eval_data(path: str | Path, split: str = "stage2/test", pdb_h5: str | N
     if limit is not None:
         rows = rows[:limit]
     return EvalData(rows=rows, rejects=rejects, source=str(file), n_input=n_input)
-
-
-def protein_tuple(row: dict, drop_structure: bool = False) -> tuple[str, np.ndarray | None, np.ndarray | None]:
-    """``(sequence, coords [n, 3] float32 | None, coord_mask [n] bool | None)`` for ``generate``."""
-    seq = row["sequence"]
-    if drop_structure or row.get("coords") is None:
-        return seq, None, None
-    coords = np.asarray(row["coords"], dtype=np.float32).reshape(len(seq), 3)
-    mask = np.asarray(row["coord_mask"], dtype=bool)
-    return seq, coords, mask

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from sepit.config.base import ConfigError, check_range
-from sepit.evaluation.examples import protein_tuple
+from sepit.data.instruction_schema import row_protein
 from sepit.evaluation.likelihood import closed_set_options
 from sepit.evaluation.predictions import PredictionRecord, PredictionsStore
 
@@ -121,7 +121,7 @@ class ModelReplica:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Missing structures travel as empty lists (a typed Arrow column), back to None here.
         proteins = [
-            protein_tuple({"sequence": str(s), "coords": c if len(c) else None, "coord_mask": m if len(m) else None},
+            row_protein({"sequence": str(s), "coords": c if len(c) else None, "coord_mask": m if len(m) else None},
                           drop_structure=bool(d))
             for s, c, m, d in zip(batch["sequence"], batch["coords"], batch["coord_mask"], batch["drop_structure"])
         ]
@@ -175,7 +175,7 @@ def unusable_rows(rows: Sequence[dict], model_dir: str, truncate: bool = False) 
     bad = {}
     for r in rows:
         try:
-            collate_proteins(alphabet, [protein_tuple(r)], max_residues=max_residues, truncate=truncate)
+            collate_proteins(alphabet, [row_protein(r)], max_residues=max_residues, truncate=truncate)
         except ProteinBatchError as exc:
             bad[r["id"]] = str(exc).replace("item 0: ", "")
     return bad
@@ -222,7 +222,7 @@ def generate_predictions(
     """
     import ray
 
-    from sepit.ray_runtime import init_ray
+    from sepit.ray_runtime import init_ray, set_data_progress_bars
 
     start = time.perf_counter()
     by_task = {t.name: t for t in tasks}
@@ -246,8 +246,7 @@ def generate_predictions(
     complete = True
     if items:
         init_ray()
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # on_batch reports progress; Ray's bars flood job logs
+        set_data_progress_bars(False)  # on_batch reports progress; Ray's bars flood job logs
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // config.batch_size)))
         ds = ds.map_batches(
             ModelReplica,

@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from sepit.errors import SepitError
+
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
-class PredictionsError(ValueError):
+class PredictionsError(SepitError, ValueError):
     """A predictions file is unreadable; the message names the file, line and reason."""
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sepit.evaluation.scoring import CLOSED_TASKS, TASK_ORDER
+from sepit.evaluation.task_metrics import CLOSED_TASKS, TASK_ORDER
 from sepit.evaluation.verdict import judge, verdict
 
 PLOT_DIR = "plots"

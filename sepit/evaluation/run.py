@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sepit.config.base import ConfigError, check_choice, from_dict, to_dict, write_run_config
+from sepit.errors import SepitError
 from sepit.evaluation.bootstrap import BootstrapConfig
 from sepit.evaluation.generate import GenerationConfig, GenerationTask, generate_predictions, unusable_rows
 from sepit.evaluation.metrics import MetricsConfig
@@ -174,7 +175,7 @@ def evaluate(config: EvaluateConfig | dict, parent_run_id: str | None = None) ->
     from sepit.evaluation.predictions import write_predictions
     from sepit.evaluation.metrics import TextMetrics
     from sepit.evaluation.report import clean_json, write_report
-    from sepit.evaluation.scoring import RecordScorer, score_systems, summary_lines
+    from sepit.evaluation.task_metrics import RecordScorer, score_systems, summary_lines
     from sepit.evaluation.verdict import compare, short_verdict
     from sepit.ray_runtime import set_local_defaults
 
@@ -319,10 +320,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def log_to_mlflow(cfg: EvaluateConfig, result: dict, paths: dict[str, Path], lineage: dict,
                   parent_run_id: str | None) -> str:
-    import mlflow
-
-    from sepit.evaluation.scoring import headline
-    from sepit.tracking import log_params, start_run
+    from sepit.evaluation.task_metrics import headline
+    from sepit.tracking import log_artifact, log_metrics, log_params, log_report_files, start_run
 
     tags = {"sepit.stage": "evaluate", "sepit.model_path": result["model"]["path"]}
     if lineage.get("mlflow_run_id"):
@@ -332,12 +331,11 @@ def log_to_mlflow(cfg: EvaluateConfig, result: dict, paths: dict[str, Path], lin
         log_params(to_dict(cfg))
         flat = {f"{system}.{k}": v for system, block in result["systems"].items() for k, v in headline(block).items()}
         if flat:
-            mlflow.log_metrics(flat)
-        for p in paths.values():
-            mlflow.log_artifact(str(p), artifact_path="plots" if p.suffix == ".png" else None)
+            log_metrics(flat)
+        log_report_files(paths.values())
         for name in ("predictions.jsonl", "scores.jsonl"):
             if (Path(cfg.out) / name).is_file():
-                mlflow.log_artifact(str(Path(cfg.out) / name))
+                log_artifact(Path(cfg.out) / name)
         return run.info.run_id
 
 
@@ -400,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
 
         with capture_logs(cfg.out):  # Ray/MLflow output -> <out>/logs/
             result = evaluate(cfg, parent_run_id=args.parent_run_id)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except SepitError as exc:
         print(f"sepit evaluate: {exc}", file=sys.stderr)
         return 2
     if not result["complete"]:

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from sepit.evaluation.bootstrap import BootstrapConfig, mean_ci
-from sepit.evaluation.scoring import CLOSED_TASKS, TASK_ORDER
+from sepit.evaluation.task_metrics import CLOSED_TASKS, TASK_ORDER
 
 TASK_WORDS = {"yes_no": "yes/no", "multiple_choice": "multiple choice", "open": "open questions",
               "caption": "captions"}

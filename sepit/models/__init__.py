@@ -4,7 +4,7 @@ Public API (imported lazily so ``import sepit.models`` stays cheap):
 
 - structure: :class:`StructureBias`, :class:`StructureBiasConfig`
 - protein encoder: :class:`ProteinEncoder`, :class:`EncoderConfig`, :func:`collate_proteins`, :class:`ProteinBatch`
-- stage 0: :class:`ProteinTextCLIP`, :class:`Stage0Config`, :func:`load_text_encoder`
+- stage 0: :class:`ProteinTextCLIP`, :class:`CLIPConfig`, :func:`load_text_encoder`
 - stages 1-2: :class:`SepitForConditionalGeneration`, :class:`SepitConfig`, :class:`LLMConfig`
 - MoE: :func:`upcycle_to_moe`, :func:`export_for_inference`, :class:`MoEConfig`, :class:`MoEFeedForward`
 - tokenizer: :func:`train_llm_tokenizer`, :func:`load_llm_tokenizer`
@@ -26,8 +26,8 @@ _EXPORTS = {
     "EncoderOutput": "encoder",
     "collate_proteins": "protein_batch",
     "ProteinBatch": "protein_batch",
-    "ProteinTextCLIP": "stage0",
-    "Stage0Config": "stage0",
+    "ProteinTextCLIP": "clip",
+    "CLIPConfig": "clip",
     "load_text_encoder": "text_encoder",
     "default_text_encoder_path": "text_encoder",
     "SepitForConditionalGeneration": "sepit_lm",

@@ -27,17 +27,18 @@ from esm.modules import ContactPredictionHead, ESM1bLayerNorm, RobertaLMHead, Tr
 from torch import nn
 
 from sepit.config.base import ConfigError, check_choice, check_range, from_dict, to_dict
+from sepit.errors import SepitError
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
 from sepit.models.structure_bias import GRAPH_MODES, StructureBias, StructureBiasConfig
 
 MODEL_TYPE = "sepit_protein_encoder"
 
 
-class EncoderInputError(ValueError):
+class EncoderInputError(SepitError, ValueError):
     """Tokens / coordinates handed to the encoder are inconsistent; the message says how."""
 
 
-class EsmCheckpointError(ValueError):
+class EsmCheckpointError(SepitError, ValueError):
     """A fair-esm checkpoint file is missing, unreadable or not an ESM-2 checkpoint."""
 
 
@@ -330,6 +331,23 @@ class ProteinEncoder(nn.Module):
         optional = {n for n in model.state_dict() if n.startswith(("structure_bias.", "contact_head."))}
         _load_strict(model, state, str(path), allowed_missing=optional)
         return model
+
+
+#: Fields a fair-esm checkpoint fixes itself: a config's values for them are not applied to it.
+ESM_ARCHITECTURE_FIELDS = ("num_layers", "embed_dim", "attention_heads", "token_dropout")
+
+
+def build_encoder(config: EncoderConfig, folder: str | Path | None = None,
+                  esm_checkpoint: str | Path | None = None) -> ProteinEncoder:
+    """The protein encoder to start from: a saved folder (``save_pretrained`` / stage-0 export), a
+    fair-esm checkpoint with ``config``'s other fields (structure bias, dropout, ...), or a random
+    init from ``config``."""
+    if folder:
+        return ProteinEncoder.from_pretrained(folder)
+    if esm_checkpoint:
+        overrides = {k: v for k, v in to_dict(config).items() if k not in ESM_ARCHITECTURE_FIELDS}
+        return ProteinEncoder.from_esm_checkpoint(esm_checkpoint, **overrides)
+    return ProteinEncoder(config)
 
 
 def _torch_load_checkpoint(path: Path) -> Any:

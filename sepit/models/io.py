@@ -21,12 +21,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sepit.errors import SepitError
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 _ALIAS_KEY = "sepit_aliases"  # safetensors metadata entry: JSON {alias_name: stored_name}
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(SepitError, ValueError):
     """A model folder is missing, incomplete or unreadable; the message names the path."""
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sepit.config.base import ConfigError, check_choice, check_range
+from sepit.errors import SepitError
 
 
 @dataclass
@@ -89,7 +90,7 @@ class LLMConfig:
         return getattr(torch, self.dtype)
 
 
-class LLMLoadError(ValueError):
+class LLMLoadError(SepitError, ValueError):
     """A local LLM folder is missing or holds something SEPIT cannot use; names the folder."""
 
 

@@ -20,9 +20,10 @@ any capacity drop).  Padding is excluded through a token mask set by the owning 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -236,38 +237,29 @@ def _layer_indices(layers: list[int] | str, n: int) -> list[int]:
     return sorted(layers)
 
 
-def upcycle_to_moe(
-    model: nn.Module,
-    num_experts: int = 4,
-    top_k: int = 1,
-    capacity_factor: float = 1.25,
-    eval_capacity_factor: float = 2.0,
-    layers: list[int] | str = "all",
-    aux_loss_coef: float = 0.01,
-    ep_size: int = 1,
-    min_capacity: int = 0,
-    use_deepspeed: bool = True,
-) -> nn.Module:
+def upcycle_to_moe(model: nn.Module, config: MoEConfig | None = None, *, use_deepspeed: bool = True,
+                   **fields: Any) -> nn.Module:
     """Replace the chosen decoder blocks' dense ``mlp`` by MoE blocks (sparse upcycling), in place.
 
+    ``config`` is the :class:`MoEConfig` to apply, or its fields are given as keywords
+    (``upcycle_to_moe(model, num_experts=4, top_k=1)``; the rest keep their defaults).
     ``model`` is a SEPIT model (its ``.llm`` is used and ``model.config.moe`` is recorded) or a
     bare causal LM.  ``use_deepspeed=False`` builds :class:`MoEFeedForward` blocks directly (same
     initialisation: experts are copies of the dense MLP, the router is a fresh ``Linear``).
     """
-    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
-                    eval_capacity_factor=eval_capacity_factor, layers=layers,
-                    aux_loss_coef=aux_loss_coef, ep_size=ep_size, min_capacity=min_capacity,
-                    exported=not use_deepspeed)
+    if config is not None and fields:
+        raise TypeError(f"upcycle_to_moe: give a MoEConfig or its fields {sorted(fields)}, not both")
+    cfg = dataclasses.replace(config or MoEConfig(**fields), exported=not use_deepspeed)
     blocks = decoder_layers(_resolve_llm(model))
     if any(isinstance(b.mlp, _MoEStats) for b in blocks):
         raise ValueError("model is already upcycled to MoE")
-    for i in _layer_indices(layers, len(blocks)):
+    for i in _layer_indices(cfg.layers, len(blocks)):
         dense = blocks[i].mlp
         hidden = _hidden_size(dense)
         if use_deepspeed:
             block = SepitMoEBlock(dense, hidden, cfg)
         else:
-            block = MoEFeedForward([copy.deepcopy(dense) for _ in range(num_experts)], hidden, top_k)
+            block = MoEFeedForward([copy.deepcopy(dense) for _ in range(cfg.num_experts)], hidden, cfg.top_k)
         blocks[i].mlp = block.to(next(dense.parameters()).device)
     sepit_config = getattr(model, "config", None)
     if hasattr(sepit_config, "moe"):

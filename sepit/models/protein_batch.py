@@ -19,11 +19,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from sepit.errors import SepitError
+
 #: Longest protein by default: ESM-2 was trained on 1024 tokens = <cls> + 1022 residues + <eos>.
 DEFAULT_MAX_RESIDUES = 1022
 
 
-class ProteinBatchError(ValueError):
+class ProteinBatchError(SepitError, ValueError):
     """An item cannot be collated; the message names the item index and the reason."""
 
 

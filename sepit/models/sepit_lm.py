@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sepit.config.base import check_choice, check_range, from_dict, to_dict
-from sepit.models.encoder import EncoderConfig, ProteinEncoder
+from sepit.models.encoder import EncoderConfig, ProteinEncoder, build_encoder
 from sepit.models.generation import DecodeBatch, SamplingConfig, decode_batch, length_buckets
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
 from sepit.models.llm import LLMConfig, build_llm, build_llm_from_hf_config
@@ -116,14 +116,6 @@ class ProteinProjector(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def build_encoder(config: SepitConfig) -> ProteinEncoder:
-    if config.encoder_path:
-        return ProteinEncoder.from_pretrained(config.encoder_path)
-    if config.esm_checkpoint:
-        overrides = {k: v for k, v in to_dict(config.encoder).items()
-                     if k not in ("num_layers", "embed_dim", "attention_heads", "token_dropout")}
-        return ProteinEncoder.from_esm_checkpoint(config.esm_checkpoint, **overrides)
-    return ProteinEncoder(config.encoder)
 
 
 class SepitForConditionalGeneration(nn.Module):
@@ -140,7 +132,7 @@ class SepitForConditionalGeneration(nn.Module):
         super().__init__()
         self.config = config
         self.token_ids = token_ids
-        self.encoder = encoder if encoder is not None else build_encoder(config)
+        self.encoder = encoder if encoder is not None else build_encoder(config.encoder, config.encoder_path, config.esm_checkpoint)
         config.encoder = self.encoder.config
         n_vocab = vocab_size
         self.llm = llm if llm is not None else build_llm(config.llm, vocab_size=n_vocab)
@@ -365,10 +357,7 @@ class SepitForConditionalGeneration(nn.Module):
                     llm=build_llm_from_hf_config(data["llm_hf_config"]))
         state = load_state(directory)
         if moe_cfg is not None:
-            upcycle_to_moe(model, num_experts=moe_cfg.num_experts, top_k=moe_cfg.top_k,
-                           capacity_factor=moe_cfg.capacity_factor, eval_capacity_factor=moe_cfg.eval_capacity_factor,
-                           layers=moe_cfg.layers, aux_loss_coef=moe_cfg.aux_loss_coef, ep_size=moe_cfg.ep_size,
-                           min_capacity=moe_cfg.min_capacity, use_deepspeed=moe_backend == "deepspeed")
+            upcycle_to_moe(model, moe_cfg, use_deepspeed=moe_backend == "deepspeed")
             if moe_backend == "deepspeed":
                 state = deepspeed_moe_state_dict(state)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -381,14 +370,6 @@ class SepitForConditionalGeneration(nn.Module):
             model.llm.to(dtype)
             model.projector.to(dtype)
         return model.to(map_location)
-
-
-def apply_lora(model: SepitForConditionalGeneration, r: int = 8, alpha: int = 16,
-               target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-               dropout: float = 0.05) -> SepitForConditionalGeneration:
-    """Function form of :meth:`SepitForConditionalGeneration.apply_lora`; returns the model."""
-    model.apply_lora(r=r, alpha=alpha, target_modules=target_modules, dropout=dropout)
-    return model
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

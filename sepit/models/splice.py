@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from sepit.errors import SepitError
 from sepit.models.tokenizer import IGNORE_INDEX
 
 
-class SpliceError(ValueError):
+class SpliceError(SepitError, ValueError):
     """A prompt row does not hold exactly one ``<protein>`` placeholder, or indices mismatch."""
 
 

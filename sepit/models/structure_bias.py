@@ -48,11 +48,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sepit.config.base import check_choice, check_range
+from sepit.errors import SepitError
 
 GRAPH_MODES = ("dense", "radius", "knn")
 
 
-class StructureInputError(ValueError):
+class StructureInputError(SepitError, ValueError):
     """Coordinates / masks handed to the structure bias have the wrong shape or type."""
 
 

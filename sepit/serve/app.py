@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from sepit.config.base import ConfigError, from_dict, load_config, load_yaml, merge
+from sepit.errors import SepitError
 from sepit.serve.config import ServeConfig
 
 RUNNER_NAME = "SepitModelRunner"
@@ -143,11 +144,10 @@ def check_model_folder(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import ray
     from ray import serve
 
+    from sepit.ray_runtime import cluster_address
     from sepit.serve.auth import resolve_api_key_digest
 
     try:
@@ -157,14 +157,14 @@ def run(args: argparse.Namespace) -> int:
         if is_model_uri(config.model_dir):  # models:/NAME@ALIAS -> one version for every replica
             config = replace(config, model_dir=pin_model_uri(config.model_dir), model_name=config.served_model_name)
         check_model_folder(str(localize_model(config.model_dir)))  # an s3:// / MLflow model is fetched (and cached) here too
-    except ValueError as exc:  # ConfigError and ModelFolderError are ValueErrors
+    except SepitError as exc:
         print(f"sepit serve: {exc}", file=sys.stderr)
         return 2
     auth_on = resolve_api_key_digest(config) is not None
     if config.host not in ("127.0.0.1", "localhost", "::1") and not auth_on:
         print(f"sepit serve: WARNING: listening on {config.host} without an API key "
               f"(set {config.api_key_env} to require one)", file=sys.stderr)
-    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    joined = bool(cluster_address(args.address))
     from sepit.console import capture_logs
 
     with capture_logs(args.log_dir) as logs:  # Ray Serve's and the replicas' output -> <log-dir>/logs/

@@ -16,13 +16,14 @@ import hmac
 import os
 from typing import Optional
 
+from sepit.errors import SepitError
 from sepit.serve.config import ServeConfig
 
 #: Paths reachable without a key (probes and the OpenAPI docs).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 
 
-class AuthError(Exception):
+class AuthError(SepitError):
     """The request lacks a valid API key (answered with 401)."""
 
 

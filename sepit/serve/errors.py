@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from sepit.errors import SepitError
 
-class ApiError(Exception):
+
+class ApiError(SepitError):
     """An error answered to the client with ``status`` and a JSON body (never a traceback)."""
 
     status: int = 400

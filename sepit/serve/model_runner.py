@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Optional
 
 from ray import serve
 
+from sepit.errors import SepitError
 from sepit.serve.config import GenerationDefaults, ServeConfig
 from sepit.serve.metrics import DecodeLoopMetrics
 from sepit.serve.protocol import GenerationItem, GenerationResult, StreamEvent
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 # `serve deploy` imports this module in a build task only to name the deployment class.
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SepitError, RuntimeError):
     """The exported model folder cannot be loaded; the message names the folder and why."""
 
 

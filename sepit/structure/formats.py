@@ -13,6 +13,8 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
+from sepit.errors import SepitError
+
 #: Formats a file can hold; ``afdb`` is decided after parsing (an AlphaFold DB PDB/mmCIF model).
 FILE_FORMATS = ("pdb", "mmcif", "fasta", "h5")
 
@@ -40,7 +42,7 @@ PDB_RECORDS = frozenset(
 )
 
 
-class SourceError(ValueError):
+class SourceError(SepitError, ValueError):
     """The bytes of a source cannot be read as any supported format; message = the reason."""
 
 

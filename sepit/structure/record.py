@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from sepit.errors import SepitError
+
 # 20 standard residues + X (unknown / unmappable). U (selenocysteine) and O (pyrrolysine) are
 # accepted in sequences because ESM-2's alphabet has them; B/Z/J ambiguity codes too.
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -24,7 +26,7 @@ MAX_ABS_COORD = 9999.0
 DEFAULT_MAX_RESIDUES = 1022
 
 
-class RecordError(ValueError):
+class RecordError(SepitError, ValueError):
     """A protein record is invalid; the message names the record and the reason."""
 
 

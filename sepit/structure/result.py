@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sepit.errors import SepitError
 from sepit.structure.record import ProteinRecord
 
 #: Where in the pipeline a reject happened (the ``stage`` column of ``rejects.parquet``).
 REJECT_STAGES = ("read", "detect", "parse", "chain", "validate", "dedupe")
 
 
-class StructureError(ValueError):
+class StructureError(SepitError, ValueError):
     """A structure file (or uploaded text) yielded no usable protein; the message says why."""
 
 

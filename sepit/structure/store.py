@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sepit.errors import SepitError
 from sepit.structure.record import ProteinRecord
 
 STORE_SCHEMA = pa.schema([
@@ -43,7 +44,7 @@ REJECTS = "rejects.parquet"
 PROTEINS_DIR = "proteins"
 
 
-class StoreError(ValueError):
+class StoreError(SepitError, ValueError):
     """A folder is not a readable protein store, or its files disagree with its manifest."""
 
 

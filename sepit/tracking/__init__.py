@@ -1,12 +1,13 @@
 """MLflow, in one place.
 
-Every sepit job is an MLflow run.  The tracking URI is, in order: an explicit argument / config
-value, ``MLFLOW_TRACKING_URI``, else a sqlite store inside the job's output folder (the plain
-``./mlruns`` file store is refused by recent MLflow unless explicitly allowed; sqlite works
-offline and survives concurrent writers on one machine).
+Every sepit job is an MLflow run, and only this package imports ``mlflow``: the rest of sepit
+logs through the functions here (``tests/test_one_place.py`` checks it).  The tracking URI is,
+in order: an explicit argument / config value, ``MLFLOW_TRACKING_URI``, else a sqlite store
+inside the job's output folder (the plain ``./mlruns`` file store is refused by recent MLflow
+unless explicitly allowed; sqlite works offline and survives concurrent writers on one machine).
 
     with start_run("stage1", out_dir=out, parent_run_id=pipeline_run) as run:
-        log_params(cfg_dict); mlflow.log_metric(...)
+        log_params(cfg_dict); log_metrics({"loss": 0.5}); log_artifact("report.md")
 
 Exported models go to the model registry through :mod:`sepit.tracking.models`.
 """
@@ -18,7 +19,9 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
+
+from sepit.config.base import ConfigError
 
 DEFAULT_EXPERIMENT = "sepit"
 MLFLOW_DB = "mlflow.db"
@@ -53,7 +56,7 @@ def resolve_tracking_uri(uri: str | None = None, out_dir: str | Path | None = No
     if env and env not in _URIS_WE_SET:
         return env
     if out_dir is None:
-        raise ValueError("no MLflow tracking URI: pass one, set MLFLOW_TRACKING_URI, or give an output folder")
+        raise ConfigError("no MLflow tracking URI: pass one, set MLFLOW_TRACKING_URI, or give an output folder")
     return default_tracking_uri(out_dir)
 
 
@@ -181,6 +184,40 @@ def log_dict_artifact(data: Any, name: str) -> None:
     mlflow.log_dict(data, name)
 
 
+# --------------------------------------------------------------------------- the active run
+def import_mlflow() -> None:
+    """Import MLflow now: it configures its logger at import, so a caller about to reroute the
+    loggers (:func:`sepit.console.capture_logs`) imports it first."""
+    import mlflow  # noqa: F401
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    """Log flat ``{name: value}`` metrics to the active run."""
+    import mlflow
+
+    mlflow.log_metrics(dict(metrics))
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    """Set tags on the active run."""
+    import mlflow
+
+    mlflow.set_tags(dict(tags))
+
+
+def log_artifact(path: str | Path, folder: str | None = None) -> None:
+    """Attach a file to the active run, at the top of its artifacts or in ``folder``."""
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def log_report_files(paths: Iterable[str | Path]) -> None:
+    """Attach a report's files to the active run: PNG plots in ``plots/``, the rest at the top."""
+    for p in map(Path, paths):
+        log_artifact(p, "plots" if p.suffix == ".png" else None)
+
+
 # --------------------------------------------------------------------------- used by training
 def run_params(run_id: str, tracking_uri: str) -> dict[str, str] | None:
     """The params of an existing run, or None when the store has no such run."""
@@ -191,6 +228,20 @@ def run_params(run_id: str, tracking_uri: str) -> dict[str, str] | None:
         return dict(MlflowClient(tracking_uri).get_run(run_id).data.params)
     except MlflowException:
         return None
+
+
+def run_status(run_id: str, tracking_uri: str) -> str:
+    """The status of an existing run: RUNNING, FINISHED, FAILED or KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri).get_run(run_id).info.status
+
+
+def end_run_as(run_id: str, tracking_uri: str, status: str) -> None:
+    """Close a run another process left open (e.g. a trial the scheduler stopped) with ``status``."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri).set_terminated(run_id, status)
 
 
 class MetricBatch:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sepit.errors import SepitError
+
 #: Alias moved to each newly registered stage version (MLflow reserves the alias name "latest").
 NEWEST_ALIAS = "newest"
 #: ``models:/NAME@latest`` / ``models:/NAME/latest``: the highest version, resolved by sepit (as
@@ -44,7 +46,7 @@ MODEL_URI_PREFIXES = ("models:/", "runs:/")
 FOLDER_ARTIFACT = "sepit_model"
 
 
-class ModelURIError(FileNotFoundError, ValueError):
+class ModelURIError(SepitError, FileNotFoundError, ValueError):
     """A model reference cannot be resolved; the message names the URI, the store and the reason.
     A FileNotFoundError and a ValueError, so each command's handler prints it as a one-line error."""
 

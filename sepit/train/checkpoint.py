@@ -31,13 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from sepit.errors import SepitError
+
 DS_SUBDIR = "ds"
 DS_TAG = "state"
 STATE_FILE = "trainer_state.json"
 EXPORT_SUBDIR = "export"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SepitError, RuntimeError):
     """A checkpoint cannot be used to resume this run; the message says why."""
 
 

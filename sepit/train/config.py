@@ -1,6 +1,6 @@
 """The stage-independent training config: optimisation, distribution, checkpoints, tracking.
 
-Every stage config (``Stage0Config`` ...) holds one :class:`TrainConfig` under ``train``; the
+Every stage config (``Stage0JobConfig`` ...) holds one :class:`TrainConfig` under ``train``; the
 generic worker loop (:mod:`sepit.train.loop`) reads nothing else.  Steps are *optimizer* steps:
 one step = ``grad_accum_steps`` micro-batches of ``micro_batch_size`` examples on every worker,
 so the global batch is ``micro_batch_size * grad_accum_steps * num_workers`` examples.

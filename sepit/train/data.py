@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from sepit.errors import SepitError
+
 if TYPE_CHECKING:
     from sepit.storage import Location
 
@@ -38,11 +40,11 @@ SPLITS = ("train", "val", "test")
 COLLATE_LOCK = threading.Lock()
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(SepitError, FileNotFoundError):
     """A stage's dataset split is missing; the message names the expected file."""
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(SepitError, ValueError):
     """A split has too few rows to give every worker a batch."""
 
 
@@ -96,7 +98,9 @@ def training_datasets(
     import ray
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from sepit.ray_runtime import set_data_progress_bars
+
+    set_data_progress_bars(False)
     counts = {split: count_rows(dataset_dir, stage, split) for split in ("train", "val")}
     if counts["train"] == 0:
         raise EmptySplitError(f"{split_path(dataset_dir, stage, 'train')} has no rows")

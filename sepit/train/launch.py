@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sepit.config.base import RUN_CONFIG, ConfigError, save_yaml, to_dict, write_run_config
+from sepit.errors import SepitError
 
 from .checkpoint import EXPORT_SUBDIR
 from .config import TrainConfig
@@ -44,7 +45,7 @@ from .task import TrainTask
 MLFLOW_RUN_FILE = "mlflow_run.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(SepitError, RuntimeError):
     """A training run failed (after Ray Train's retries); the message carries the worker error."""
 
 
@@ -75,7 +76,7 @@ def ensure_ray(cfg: TrainConfig) -> None:
     A local Ray gets at least ``workers * cpus_per_worker + 2`` logical CPUs so the Ray Data
     feeding tasks never starve behind the training workers (they deadlock otherwise).
     """
-    from sepit.ray_runtime import init_ray, set_local_defaults
+    from sepit.ray_runtime import cluster_address, init_ray, set_local_defaults
 
     set_local_defaults()  # before Ray is imported: it reads the loopback switch at import time
     import ray
@@ -83,8 +84,7 @@ def ensure_ray(cfg: TrainConfig) -> None:
     if ray.is_initialized():
         return
     need = math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 2
-    init_ray(address=cfg.ray_address, num_cpus=None if (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-             else max(os.cpu_count() or 1, need))
+    init_ray(address=cfg.ray_address, num_cpus=None if cluster_address(cfg.ray_address) else max(os.cpu_count() or 1, need))
 
 
 def _check_cpus_for_streaming(cfg: TrainConfig, dataset_dir: str | Path, data_stage: str) -> None:
@@ -122,7 +122,7 @@ def _previous_run_id(out: Path, tracking_uri: str) -> str | None:
 def _log_params_once(run_id: str, tracking_uri: str, params: dict[str, Any]) -> None:
     """Log params; on a resumed run, values that changed (e.g. max_steps) go to tags instead
     (MLflow refuses to overwrite a param)."""
-    from sepit.tracking import flatten, log_params, run_params
+    from sepit.tracking import flatten, log_params, run_params, set_tags
 
     existing = run_params(run_id, tracking_uri) or {}
     flat = flatten(params)
@@ -131,15 +131,14 @@ def _log_params_once(run_id: str, tracking_uri: str, params: dict[str, Any]) -> 
     if new:
         log_params(new)
     if changed:
-        import mlflow
-
-        mlflow.set_tags({k[:250]: v for k, v in changed.items()})
+        set_tags({k[:250]: v for k, v in changed.items()})
 
 
 def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tracking: dict, progress: Any = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from sepit.ray_runtime import train_worker_runtime_env
     from sepit.storage import resolve
 
     from .deepspeed_config import resolve_device
@@ -162,8 +161,7 @@ def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tr
             storage_filesystem=None if ray_results.is_local else ray_results.filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            # Ray Train's print patch tees every print to its logger: progress lines would show twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env=train_worker_runtime_env(),
         ),
         datasets=ray_datasets(datasets),
         dataset_config=data_config(ray_datasets(datasets)),
@@ -252,16 +250,23 @@ def run_training(
 
 def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path, data_stage: str,
                   stage_config: Any, parent: ParentRef | None) -> TrainingOutcome:
-    import mlflow
-
     from sepit.console import rerouted
     from sepit.storage import download_dir, is_remote, location_of, resolve
-    from sepit.tracking import log_dict_artifact, resolve_tracking_uri, start_run
+    from sepit.tracking import (
+        import_mlflow,
+        log_artifact,
+        log_dict_artifact,
+        log_metrics,
+        resolve_tracking_uri,
+        set_tags,
+        start_run,
+    )
     from sepit.tracking.datasets import log_split_inputs
     from sepit.tracking.models import default_registered_name, log_model
 
     from .step_log import training_progress
 
+    import_mlflow()
     rerouted()  # MLflow configured its logger at import
     out = cfg.out_path
     config_dict = to_dict(stage_config)
@@ -289,7 +294,7 @@ def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path,
         _log_params_once(run_id, uri, {**config_dict, "task": task.describe(),
                                        "data.rows": counts, "data.files": data_fp["files"]})
         if previous:
-            mlflow.set_tag("sepit.resumed", "true")
+            set_tags({"sepit.resumed": "true"})
         log_split_inputs(data_fp["dataset_dir"], data_fp["files"], counts)
         try:
             with training_progress(f"{task.stage}", cfg.max_steps) as progress:
@@ -311,19 +316,19 @@ def _run_training(task: TrainTask, cfg: TrainConfig, *, dataset_dir: str | Path,
                                 mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, checkpoint=ckpt_loc.uri)
         write_lineage(model_dir, lineage)
         save_yaml(stage_config, model_dir / "run_config.yaml")
-        mlflow.set_tags({"sepit.lineage.parent": (parent.run_id or parent.path) if parent else "none",
-                         "sepit.model_dir": str(model_dir) if not is_remote(cfg.output_dir)
-                         else f"{cfg.output_dir.rstrip('/')}/model"})
-        mlflow.log_metrics({f"final.{k}": v for k, v in metrics.items()})
+        set_tags({"sepit.lineage.parent": (parent.run_id or parent.path) if parent else "none",
+                   "sepit.model_dir": str(model_dir) if not is_remote(cfg.output_dir)
+                   else f"{cfg.output_dir.rstrip('/')}/model"})
+        log_metrics({f"final.{k}": v for k, v in metrics.items()})
         log_dict_artifact(lineage, "lineage.json")
-        mlflow.log_artifact(str(out / RUN_CONFIG))
+        log_artifact(out / RUN_CONFIG)
         png = plot_loss_curve(cfg.train_log, out / "loss_curve.png", f"{task.stage}: {cfg.run_name}")
         if png:
-            mlflow.log_artifact(str(png))
+            log_artifact(png)
         logged = log_model(model_dir, registered_name=default_registered_name(task.stage)
                            if cfg.registered_model is None else cfg.registered_model,
                            metadata={"sepit_stage": task.stage})
-        mlflow.set_tags({"sepit.model_uri": logged.model_uri, "sepit.registered_model": logged.version_uri or "none"})
+        set_tags({"sepit.model_uri": logged.model_uri, "sepit.registered_model": logged.version_uri or "none"})
         published = _publish_outputs(cfg)
     remote = is_remote(cfg.output_dir)
     return TrainingOutcome(output_dir=resolve(cfg.output_dir).uri if remote else out,

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sepit.errors import SepitError
+
 if TYPE_CHECKING:
     from sepit.storage import Location
 
@@ -28,7 +30,7 @@ MODEL_ARTIFACT = "model"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class ParentNotFoundError(FileNotFoundError):
+class ParentNotFoundError(SepitError, FileNotFoundError):
     """``--init`` names neither an existing model folder nor a resolvable MLflow run."""
 
 

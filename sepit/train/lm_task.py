@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
-from .stage0 import proteins_of
+from sepit.errors import SepitError
+from sepit.models.tokenizer import IGNORE_INDEX
+
+from .stage0 import esm_alphabet, proteins_of
 from .task import TrainTask, unwrap
 
-IGNORE_INDEX = -100
 
-
-class ExampleError(ValueError):
+class ExampleError(SepitError, ValueError):
     """A dataset row cannot be turned into a training example; the message names the row."""
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sepit.errors import SepitError
+
 from .checkpoint import (EXPORT_SUBDIR, TrainerState, has_export, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import TrainConfig
@@ -42,7 +44,7 @@ _RANK_SEED_OFFSET = 1_000_003
 _EVAL_SEED_OFFSET = 7_919
 
 
-class TrainGroupError(ValueError):
+class TrainGroupError(SepitError, ValueError):
     """A task's parameter groups are inconsistent with its model."""
 
 
@@ -176,9 +178,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     else:
         dev = torch.device("cpu")
     import deepspeed.ops
-    import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    from sepit.ray_runtime import set_data_progress_bars
+
+    set_data_progress_bars(False)
 
     # The shared-memory comm op would be compiled (~20 s) by every first initialize on CPU;
     # gloo through torch.distributed is what we use anyway.

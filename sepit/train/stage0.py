@@ -3,7 +3,7 @@
     sepit stage0 --preset small --data outputs/dataset --out runs/stage0
     python jobs/stage0.py --config stage0.yaml train.num_workers=2
 
-Trains :class:`~sepit.models.stage0.ProteinTextCLIP` (CLIP over the global batch + masked LM +
+Trains :class:`~sepit.models.clip.ProteinTextCLIP` (CLIP over the global batch + masked LM +
 3D denoising) on the dataset's stage-0 (protein, caption) pairs; backbone at ``train.lr``, new
 modules (structure bias, projections, heads) at ``train.lr × new_module_lr_mult``.  Validation
 reports the losses and protein↔caption retrieval accuracy over the whole validation split.
@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from sepit.config.base import check_range, to_dict
-from sepit.models.stage0 import Stage0Config
+from sepit.models.clip import CLIPConfig
 
 from .config import TrainConfig
 from .launch import run_training
@@ -32,7 +32,7 @@ from .task import TrainTask, unwrap
 
 @dataclass
 class Stage0JobConfig:
-    model: Stage0Config = field(default_factory=Stage0Config)
+    model: CLIPConfig = field(default_factory=CLIPConfig)
     """ProteinTextCLIP: encoder sizes, text encoder folder, projections, MLM / denoising settings."""
     data: StageDataConfig = field(default_factory=StageDataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(run_name="stage0", lr=1e-6))
@@ -69,22 +69,21 @@ def proteins_of(rows: list[dict[str, Any]]) -> list[tuple]:
     return [row_protein(r) for r in rows]
 
 
-def build_encoder(init: str | None, encoder_cfg: Any):
-    """The protein encoder to start from: a saved folder, a fair-esm checkpoint, or random init."""
-    from sepit.models.encoder import ProteinEncoder
+def initial_encoder(init: str | None, encoder_cfg: Any):
+    """The protein encoder to start from: ``init`` is a saved folder or a fair-esm checkpoint
+    file (checked here), none = random init."""
+    from sepit.models.encoder import MODEL_TYPE, build_encoder
 
-    if not init:
-        return ProteinEncoder(encoder_cfg)
-    path = Path(init)
+    path = Path(init) if init else None
+    if path is None:
+        return build_encoder(encoder_cfg)
     if path.is_dir():
         from .stage_common import check_model_folder
 
-        check_model_folder(path, "sepit_protein_encoder", "a protein encoder folder (stage-0 export)")
-        return ProteinEncoder.from_pretrained(path)
+        check_model_folder(path, MODEL_TYPE, "a protein encoder folder (stage-0 export)")
+        return build_encoder(encoder_cfg, folder=path)
     if path.is_file():
-        keep = {k: v for k, v in to_dict(encoder_cfg).items()
-                if k not in ("num_layers", "embed_dim", "attention_heads", "token_dropout")}
-        return ProteinEncoder.from_esm_checkpoint(path, **keep)
+        return build_encoder(encoder_cfg, esm_checkpoint=path)
     raise StageInitError(f"init_encoder={init}: no such folder or checkpoint file")
 
 
@@ -99,9 +98,9 @@ class Stage0Task(TrainTask):
         self.max_residues = cfg.train.max_residues
 
     def build_model(self) -> torch.nn.Module:
-        from sepit.models.stage0 import ProteinTextCLIP
+        from sepit.models.clip import ProteinTextCLIP
 
-        encoder = build_encoder(self.init_encoder, self.model_cfg.encoder) if self.init_encoder else None
+        encoder = initial_encoder(self.init_encoder, self.model_cfg.encoder) if self.init_encoder else None
         return ProteinTextCLIP(self.model_cfg, encoder=encoder)
 
     def param_groups(self, model, lr):
@@ -134,7 +133,7 @@ class Stage0Task(TrainTask):
         uncorrupted inputs, gathered from every rank; chance level = 1 / pairs)."""
         import torch.distributed as dist
 
-        from sepit.models.stage0 import retrieval_accuracy
+        from sepit.models.clip import retrieval_accuracy
 
         module = unwrap(model)
         batches = list(batches)

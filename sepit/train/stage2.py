@@ -91,10 +91,7 @@ class Stage2Task(InstructionTask):
             model.config.structure_dropout = self.structure_dropout
         if self.freeze_encoder:
             model.freeze(encoder=True)
-        m = self.moe
-        upcycle_to_moe(model, num_experts=m.num_experts, top_k=m.top_k, capacity_factor=m.capacity_factor,
-                       eval_capacity_factor=m.eval_capacity_factor, layers=m.layers, aux_loss_coef=m.aux_loss_coef,
-                       ep_size=m.ep_size, min_capacity=m.min_capacity, use_deepspeed=True)
+        upcycle_to_moe(model, self.moe, use_deepspeed=True)
         return model
 
     def param_groups(self, model, lr):

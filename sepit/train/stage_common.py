@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sepit.config.base import ConfigError
+from sepit.errors import SepitError
 
 
 @dataclass
@@ -24,7 +25,7 @@ class StageDataConfig:
     """Built dataset folder (``sepit build-dataset``): stage{0,1,2}/{train,val,test}.parquet."""
 
 
-class StageInitError(ValueError):
+class StageInitError(SepitError, ValueError):
     """The folder a stage starts from is not the kind of model that stage needs."""
 
 
@@ -70,15 +71,11 @@ def run_cli(args: argparse.Namespace, name: str, run_fn) -> int:
     from sepit.console import capture_logs
     from sepit.storage import staging_dir
 
-    from .data import EmptySplitError
-    from .launch import TrainingError
-    from .lineage import ParentNotFoundError
-
     try:
         config = config_from_args(args, name)
         with capture_logs(staging_dir(config.train.output_dir)):  # Ray/DeepSpeed/MLflow -> <out>/logs/
             result = run_fn(config)
-    except (ConfigError, StageInitError, ParentNotFoundError, FileNotFoundError, EmptySplitError, TrainingError) as exc:
+    except SepitError as exc:
         print(f"sepit {name}: {exc}", file=sys.stderr)
         return 2
     metrics = result["metrics"]

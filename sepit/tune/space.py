@@ -25,7 +25,7 @@ from sepit.config.base import ConfigError
 
 SPEC_KINDS = ("value", "grid", "choice", "uniform", "loguniform")
 
-#: Named search parameters -> their dotted field path in the stage-2 config (Stage2Config).
+#: Named search parameters -> their dotted field path in the stage-2 config (Stage2JobConfig).
 PARAM_PATHS: dict[str, str] = {
     "num_experts": "moe.num_experts",
     "top_k": "moe.top_k",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sepit.config.base import RUN_CONFIG, ConfigError, to_dict
+from sepit.errors import SepitError
 
 from .config import SweepConfig, local_cpus_needed, resolve_inputs, validate_sweep
 from .results import (METRIC_COLUMNS, attach_trial_files, best_record, best_row, sort_rows, summary_markdown,
@@ -34,7 +35,7 @@ BEST_JSON = "best.json"
 SUMMARY_MD = "sweep.md"
 
 
-class SweepError(RuntimeError):
+class SweepError(SepitError, RuntimeError):
     """The sweep cannot run (e.g. its output folder already holds a sweep)."""
 
 
@@ -50,9 +51,9 @@ def sweep_config_dict(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _start_ray(cfg: SweepConfig, stage: Any) -> None:
-    from sepit.ray_runtime import init_ray
+    from sepit.ray_runtime import cluster_address, init_ray
 
-    remote = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    remote = cluster_address(cfg.ray_address)
     num_cpus = cfg.num_cpus
     if not remote and num_cpus is None:
         num_cpus = max(os.cpu_count() or 1, local_cpus_needed(cfg, stage))
@@ -138,36 +139,35 @@ def _close_trial_runs(rows: list[dict[str, Any]], tracking_uri: str) -> None:
     (its stage saw the workers vanish first): mark it KILLED (called once the trial's process is
     gone, see :func:`_wait_for_trial_processes`).  A failed trial whose process died before its
     run could close is marked FAILED."""
-    from mlflow.tracking import MlflowClient
+    from sepit.tracking import end_run_as, run_status
 
-    client = MlflowClient(tracking_uri)
     for row in rows:
         if not row["mlflow_run_id"] or row["status"] == "TERMINATED":
             continue
-        status = client.get_run(row["mlflow_run_id"]).info.status
+        status = run_status(row["mlflow_run_id"], tracking_uri)
         if row["status"] == "STOPPED" and status != "KILLED":
-            client.set_terminated(row["mlflow_run_id"], "KILLED")
+            end_run_as(row["mlflow_run_id"], tracking_uri, "KILLED")
         elif row["status"] == "ERROR" and status == "RUNNING":
-            client.set_terminated(row["mlflow_run_id"], "FAILED")
+            end_run_as(row["mlflow_run_id"], tracking_uri, "FAILED")
 
 
 def _log_to_mlflow(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] | None, cfg: SweepConfig,
                    param_keys: list[str]) -> None:
-    import mlflow
+    from sepit.tracking import log_artifact, log_metrics, log_params, set_tags
 
     counts = {s: sum(r["status"] == s for r in rows) for s in ("TERMINATED", "STOPPED", "ERROR")}
-    mlflow.log_metrics({"trials": len(rows), "trials_finished": counts["TERMINATED"],
-                        "trials_stopped": counts["STOPPED"], "trials_failed": counts["ERROR"]})
+    log_metrics({"trials": len(rows), "trials_finished": counts["TERMINATED"],
+                 "trials_stopped": counts["STOPPED"], "trials_failed": counts["ERROR"]})
     if best is not None:
-        mlflow.log_metric(f"best_{cfg.metric}", best["objective"])
-        mlflow.log_params({f"best.{k}": best[k] for k in param_keys})
-        mlflow.set_tags({"sepit.best_trial_id": best["trial_id"], "sepit.best_run_id": best["mlflow_run_id"],
-                         "sepit.best_model_dir": best["model_dir"]})
-        for k in METRIC_COLUMNS:
-            if best.get(k) is not None:
-                mlflow.log_metric(f"best.{k}", best[k])
+        log_metrics({f"best_{cfg.metric}": best["objective"]})
+        log_params({"best": {k: best[k] for k in param_keys}})
+        set_tags({"sepit.best_trial_id": best["trial_id"], "sepit.best_run_id": best["mlflow_run_id"],
+                  "sepit.best_model_dir": best["model_dir"]})
+        best_metrics = {f"best.{k}": best[k] for k in METRIC_COLUMNS if best.get(k) is not None}
+        if best_metrics:
+            log_metrics(best_metrics)
     for name in (RESULTS_CSV, BEST_JSON, SUMMARY_MD, RUN_CONFIG):
-        mlflow.log_artifact(str(out / name))
+        log_artifact(out / name)
 
 
 def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
 
         with capture_logs(staging_dir(cfg.out)):  # Ray Tune/Train/MLflow output -> <out>/logs/
             result = run_sweep(cfg)
-    except (ConfigError, SweepError) as exc:
+    except SepitError as exc:
         print(f"sepit sweep-experts: {exc}")
         return 2
     c = result["counts"]

@@ -21,12 +21,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sepit.errors import SepitError
+
 #: Seconds between reads of the stage's step log while it trains.
 POLL_S = 1.0
 TRIAL_FILE = "trial.json"
 
 
-class TrialError(RuntimeError):
+class TrialError(SepitError, RuntimeError):
     """A trial's stage-2 run failed or did not report the sweep's objective."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sepit.config.base import ConfigError, check_choice, load_config, to_dict
+from sepit.errors import SepitError
 from sepit.evaluation.answer_parsing import normalize_yes_no
 from sepit.evaluation.bootstrap import BootstrapConfig
 from sepit.evaluation.metrics import MetricsConfig
@@ -117,7 +118,7 @@ def score_file(config: ScoreConfig | dict, parent_run_id: str | None = None) -> 
     from sepit.config.base import from_dict
     from sepit.evaluation.metrics import TextMetrics
     from sepit.evaluation.report import clean_json, write_report
-    from sepit.evaluation.scoring import RecordScorer, headline, score_systems
+    from sepit.evaluation.task_metrics import RecordScorer, headline, score_systems
 
     cfg = config if isinstance(config, ScoreConfig) else from_dict(ScoreConfig, config)
     out = Path(cfg.out)
@@ -137,16 +138,13 @@ def score_file(config: ScoreConfig | dict, parent_run_id: str | None = None) -> 
     }
     paths = write_report(out, result, per_sample)
     if cfg.mlflow:
-        import mlflow
-
-        from sepit.tracking import log_params, start_run
+        from sepit.tracking import log_metrics, log_params, log_report_files, start_run
 
         with start_run("score", tracking_uri=cfg.tracking_uri, out_dir=out, experiment=cfg.experiment,
                        parent_run_id=parent_run_id, tags={"sepit.stage": "score"}) as run:
             log_params(to_dict(cfg))
-            mlflow.log_metrics({f"model.{k}": v for k, v in headline(scored["model"]).items()})
-            for p in paths.values():
-                mlflow.log_artifact(str(p), artifact_path="plots" if p.suffix == ".png" else None)
+            log_metrics({f"model.{k}": v for k, v in headline(scored["model"]).items()})
+            log_report_files(paths.values())
             result["mlflow_run_id"] = run.info.run_id
         (out / "metrics.json").write_text(json.dumps(clean_json(result), indent=1))
     return result
@@ -173,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(ScoreConfig, args.config, overrides=overrides + list(args.overrides))
         result = score_file(cfg)
-    except (ConfigError, PredictionsError, FileNotFoundError, ValueError) as exc:
+    except SepitError as exc:
         print(f"sepit score: {exc}", file=sys.stderr)
         return 2
     print(f"sepit score: {result['data']['n_evaluated']} {result['data']['format']} predictions scored; "

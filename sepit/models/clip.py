@@ -38,7 +38,7 @@ CANONICAL_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 
 
 @dataclass
-class Stage0Config:
+class CLIPConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """Protein encoder (structure bias included)."""
     text_encoder_path: str = ""
@@ -68,7 +68,7 @@ class Stage0Config:
         check_range(self.logit_scale_max, "logit_scale_max", lo=0.0, lo_inclusive=False)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "Stage0Config":
+    def preset(cls, name: str, **overrides: Any) -> "CLIPConfig":
         return from_dict(cls, {"encoder": to_dict(EncoderConfig.preset(name)), **overrides})
 
 
@@ -219,7 +219,7 @@ def _projection(in_dim: int, out_dim: int) -> nn.Sequential:
 class ProteinTextCLIP(nn.Module):
     """Protein encoder + frozen text encoder + projections + MLM and denoising heads."""
 
-    def __init__(self, config: Stage0Config, encoder: Optional[ProteinEncoder] = None,
+    def __init__(self, config: CLIPConfig, encoder: Optional[ProteinEncoder] = None,
                  text_model: Any = None, tokenizer: Any = None):
         super().__init__()
         self.config = config
@@ -343,7 +343,7 @@ class ProteinTextCLIP(nn.Module):
         data = read_config(directory)
         if data.get("model_type") != MODEL_TYPE:
             raise ModelFolderError(f"{directory}: config.json is not a stage-0 model (model_type={data.get('model_type')!r})")
-        config = from_dict(Stage0Config, {**data["stage0"], "text_encoder_path": str(Path(directory) / "text_encoder")})
+        config = from_dict(CLIPConfig, {**data["stage0"], "text_encoder_path": str(Path(directory) / "text_encoder")})
         model = cls(config)
         missing, unexpected = model.load_state_dict(load_state(directory), strict=False)
         missing = [k for k in missing if not k.startswith("text_encoder.")]
