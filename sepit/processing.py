@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sepit.errors import SepitError
 from sepit.data import prompts
+from sepit.errors import SepitError
 from sepit.models.protein_batch import DEFAULT_MAX_RESIDUES, ProteinBatch, collate_proteins
 from sepit.models.tokenizer import IGNORE_INDEX, TOKENIZER_DIR, load_llm_tokenizer, special_token_ids
 
