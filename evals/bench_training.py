@@ -35,7 +35,7 @@ set_local_defaults()
 
 import torch  # noqa: E402
 
-from sepit.config.recipes import load  # noqa: E402
+from sepit.pipeline import command_config  # noqa: E402
 
 
 def build_dataset(out: Path) -> Path:
@@ -135,9 +135,9 @@ def run_chain(data: Path, out: Path, preset: str, steps: int, workers: int) -> d
     common = [f"data.dataset_dir={data}", f"train.max_steps={steps}", f"train.num_workers={workers}",
               "train.cpus_per_worker=1", f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
     dirs = {n: out / f"w{workers}" / f"stage{n}" for n in range(3)}
-    run_stage0(load("stage0", preset, overrides=[*common, f"train.output_dir={dirs[0]}"]))
-    run_stage1(load("stage1", preset, overrides=[*common, f"train.output_dir={dirs[1]}", f"init={dirs[0]}"]))
-    run_stage2(load("stage2", preset, overrides=[*common, f"train.output_dir={dirs[2]}", f"init={dirs[1]}"]))
+    run_stage0(command_config("stage0", preset, overrides=[*common, f"train.output_dir={dirs[0]}"]))
+    run_stage1(command_config("stage1", preset, overrides=[*common, f"train.output_dir={dirs[1]}", f"init={dirs[0]}"]))
+    run_stage2(command_config("stage2", preset, overrides=[*common, f"train.output_dir={dirs[2]}", f"init={dirs[1]}"]))
     return dirs
 
 
@@ -184,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     from sepit.train.stage0 import Stage0Task
     from sepit.train.stage1 import Stage1Task
 
-    cfg0 = load("stage0", args.preset)
-    cfg1 = load("stage1", args.preset)
+    cfg0 = command_config("stage0", args.preset)
+    cfg1 = command_config("stage1", args.preset)
     first = chains[args.workers[0]]
     from sepit.train.stage2 import Stage2Task
 
-    cfg2 = load("stage2", args.preset, overrides=[f"init={first[1]}"])
+    cfg2 = command_config("stage2", args.preset, overrides=[f"init={first[1]}"])
     fpt = {
         0: flops_per_token(Stage0Task(cfg0), sample_rows(data, 0, 32)),
         1: flops_per_token(Stage1Task(cfg1, str(first[1] / "tokenizer")), sample_rows(data, 1, 32)),

@@ -112,7 +112,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def build_stage_model(stage: int, preset: str):
     """(model, optimizer groups, SepitProcessor or None for stage 0) of a stage at ``preset`` sizes,
     random weights, on CPU."""
-    from sepit.config.recipes import recipe
+    from sepit.pipeline import recipe
 
     if stage == 0:
         from sepit.models.clip import ProteinTextCLIP

@@ -6,8 +6,8 @@ Each step is the same Python function its own ``sepit``/``jobs/`` entry point ca
 registry, :mod:`sepit.config.steps`); the pipeline only decides paths (everything under
 ``--out``), wires each step's output into the next, validates every step's config *before*
 anything runs, and nests every step's MLflow run under one pipeline run.  Its config is a preset
-recipe (:mod:`sepit.config.recipes`: one typed section per step, the same sections the stage,
-evaluate and sweep commands start from); a YAML file and dotted overrides
+recipe (:func:`recipe`: one typed section per step, typed from :mod:`sepit.config.recipes`, the
+same sections the stage, evaluate and sweep commands start from); a YAML file and dotted overrides
 (``stage2.moe.num_experts=8``) go on top.  The resolved config is written to ``<out>/config.yaml``.
 Re-running with the same ``--out`` resumes: finished steps are skipped (their outputs carry a
 ``.done`` marker), training stages resume from their last checkpoint.
@@ -19,12 +19,84 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional
 
-from sepit.config.base import RUN_CONFIG, ConfigError, from_dict, merge, to_dict, write_run_config
-from sepit.config.recipes import DEFAULT_PRESET, PRESETS, PipelineConfig, load
+from sepit.config.base import RUN_CONFIG, ConfigError, check_choice, from_dict, merge, to_dict, write_run_config
+from sepit.config.recipes import DEFAULT_PRESET, PRESETS, load, sections
 from sepit.config.steps import PIPELINE_STEPS, STEPS
+from sepit.data.build import BuildConfig
+from sepit.data.preprocess import PreprocessConfig
 from sepit.errors import SepitError
+from sepit.evaluation.run import EvaluateConfig
+from sepit.train.stage0 import Stage0JobConfig
+from sepit.train.stage1 import Stage1JobConfig
+from sepit.train.stage2 import Stage2JobConfig
+
+
+# --------------------------------------------------------------------------- the typed recipe
+@dataclass
+class PipelineConfig:
+    preset: str = DEFAULT_PRESET
+    """Which preset this config started from (recorded in MLflow)."""
+    out: str = "runs/pipeline"
+    """Output folder: store/, dataset/, stage0/, stage1/, stage2/, eval/, mlflow.db."""
+    steps: list[str] = field(default_factory=lambda: list(PIPELINE_STEPS))
+    """Steps to run, in pipeline order; a skipped step's output must already exist under out."""
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite at <out>/mlflow.db."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join; default RAY_ADDRESS or a local Ray on loopback."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs of a local Ray (more than the cores keeps data + training from starving)."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """Preprocessing (out is set by the pipeline)."""
+    dataset: BuildConfig = field(default_factory=BuildConfig)
+    """Dataset build (proteins and out are set by the pipeline)."""
+    stage0: Stage0JobConfig = field(default_factory=Stage0JobConfig)
+    """Stage 0 (data and output folder are set by the pipeline)."""
+    stage1: Stage1JobConfig = field(default_factory=Stage1JobConfig)
+    """Stage 1 (data, init from stage 0 and output folder are set by the pipeline)."""
+    stage2: Stage2JobConfig = field(default_factory=Stage2JobConfig)
+    """Stage 2 (data, init from stage 1 and output folder are set by the pipeline)."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluation (model, data, compare_model and out are set by the pipeline)."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.preset, "preset", list(PRESETS))
+        for s in self.steps:
+            check_choice(s, "steps[]", PIPELINE_STEPS)
+        if not self.out:
+            raise ConfigError("out: an output folder is required")
+
+
+
+def recipe(name: str) -> PipelineConfig:
+    """The typed recipe of preset ``name``: every step's config, paths left at their defaults."""
+    return from_dict(PipelineConfig, sections(name))
+
+
+def load_pipeline(preset: str | None = None, path: str | Path | None = None,
+                  flags: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """The pipeline's config: preset recipe <- YAML file <- named flags <- dotted overrides."""
+    return load(PipelineConfig, None, preset, path, flags, overrides)
+
+
+def command_config(command: str, preset: str | None = None, path: str | Path | None = None,
+                   flags: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> Any:
+    """The typed config of ``command`` ("pipeline", "sweep" or a step of
+    :data:`sepit.config.steps.STEPS`) exactly as that command resolves it: preset <- YAML file <-
+    named flags <- dotted overrides."""
+    if command == "pipeline":
+        return load_pipeline(preset, path, flags, overrides)
+    if command == "sweep":
+        from sepit.tune.config import load_sweep
+
+        return load_sweep(preset, path, flags, overrides)
+    if command not in STEPS:
+        raise ConfigError(f"{command!r} has no config; choose one of {['pipeline', 'sweep', *STEPS]}")
+    cls, _ = STEPS[command].load()
+    return load(cls, command, preset, path, flags, overrides)
 
 
 # --------------------------------------------------------------------------- wiring
@@ -234,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {"out": args.out or f"runs/pipeline-{args.preset}",
              "steps": [s.strip() for s in args.steps.split(",")] if args.steps else None}
     try:
-        cfg = load("pipeline", args.preset, args.config, flags, args.overrides)
+        cfg = load_pipeline(args.preset, args.config, flags, args.overrides)
         results = run_pipeline(cfg)
     except SepitError as exc:
         print(f"sepit pipeline: {'invalid configuration: ' if isinstance(exc, ConfigError) else ''}{exc}")

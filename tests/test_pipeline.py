@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 
 from sepit.config import ConfigError
-from sepit.config.recipes import load
+from sepit.pipeline import command_config
 from sepit.pipeline import validate
 
 
 def test_presets_validate_every_step(tmp_path):
     for preset in ("tiny", "small", "paper"):
-        cfg = load("pipeline", preset, overrides=[f"out={tmp_path}"])
+        cfg = command_config("pipeline", preset, overrides=[f"out={tmp_path}"])
         typed = validate(cfg)
         assert list(typed) == ["preprocess", "dataset", "stage0", "stage1", "stage2", "evaluate"]
-    s = validate(load("pipeline", "tiny", overrides=[f"out={tmp_path}"]))
+    s = validate(command_config("pipeline", "tiny", overrides=[f"out={tmp_path}"]))
     # wiring: each stage starts from the previous one's exported model
     assert s["stage1"].init == str(tmp_path.resolve() / "stage0" / "model")
     assert s["stage2"].init == str(tmp_path.resolve() / "stage1" / "model")
@@ -41,9 +41,9 @@ def _command_config(command: str, argv: list[str]):
 
         return config_from_args(args, command)
     if command == "evaluate":
-        from sepit.config.recipes import load
+        from sepit.pipeline import command_config
 
-        return load("evaluate", args.preset, args.config, module._cli_flags(args), args.overrides)
+        return command_config("evaluate", args.preset, args.config, module._cli_flags(args), args.overrides)
     return module.config_from_args(args)
 
 
@@ -55,7 +55,7 @@ def test_commands_and_pipeline_resolve_a_preset_identically(tmp_path, preset):
     from sepit.train.stage2 import Stage2JobConfig
 
     out = tmp_path.resolve()
-    pipe = validate(load("pipeline", preset, overrides=[f"out={out}"]))
+    pipe = validate(command_config("pipeline", preset, overrides=[f"out={out}"]))
     data = ["--preset", preset, "--data", str(out / "dataset")]
     argv = {
         "stage0": [*data, "--out", str(out / "stage0")],
@@ -78,7 +78,7 @@ def test_small_is_the_default_preset_of_every_command(tmp_path):
     assert _command_config("evaluate", []).limit == 200
     assert _command_config("sweep-experts", ["--init", "x"]).preset == "small"
     with pytest.raises(ConfigError, match=r"--preset='huge' is not allowed; choose one of \['tiny', 'small', 'paper'\]"):
-        load("stage1", "huge")
+        command_config("stage1", "huge")
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,7 @@ def test_small_is_the_default_preset_of_every_command(tmp_path):
 )
 def test_bad_config_fails_before_running(tmp_path, override, needle):
     with pytest.raises(ConfigError) as exc:
-        validate(load("pipeline", "tiny", overrides=[f"out={tmp_path}", override]))
+        validate(command_config("pipeline", "tiny", overrides=[f"out={tmp_path}", override]))
     assert needle in str(exc.value)
     assert not (tmp_path / "store").exists()
 

@@ -79,7 +79,7 @@ def test_paper_vocab_default_is_tinyllama_plus_sepit_tokens():
 
 
 def test_paper_stage0_counts_match_meta_model():
-    from sepit.config.recipes import recipe
+    from sepit.pipeline import recipe
     from sepit.models.encoder import ProteinEncoder
     from sepit.models.clip import ProteinTextCLIP
 

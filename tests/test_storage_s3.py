@@ -84,9 +84,9 @@ def test_folders_round_trip_and_errors_name_the_uri(s3, tmp_path):
 
 
 def _stage1_config(tmp: Path, tokenizer: str, max_steps: int):
-    from sepit.config.recipes import load
+    from sepit.pipeline import command_config
 
-    return load("stage1", "tiny", overrides=[
+    return command_config("stage1", "tiny", overrides=[
         f"train.output_dir=s3://{BUCKET}/run", f"data.dataset_dir=s3://{BUCKET}/data",
         f"model.tokenizer_path={tokenizer}", f"train.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         f"train.max_steps={max_steps}", "train.checkpoint_every=2", "train.eval_every=2",

@@ -19,7 +19,7 @@ import pytest
 
 from sepit.cli import main as cli_main
 from sepit.config.base import ConfigError
-from sepit.config.recipes import load
+from sepit.pipeline import command_config
 from sepit.tune.config import SweepConfig, resolve_inputs, validate_sweep
 from sepit.tune.results import best_row, sort_rows
 from sepit.tune.space import ParamSpec, SearchSpace, stage_overrides
@@ -65,10 +65,10 @@ def test_param_spec_rejects_with_reason(raw, integer, message):
 
 def test_sweep_config_names_unknown_parameters_and_requires_init():
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['experts'\]"):
-        load("sweep", overrides=["stage2.init=/m", "space.experts=[2,4]"])
+        command_config("sweep", overrides=["stage2.init=/m", "space.experts=[2,4]"])
     with pytest.raises(ConfigError, match="stage2.init is required"):
-        load("sweep", overrides=["space.num_experts=[2,4]"])
-    cfg = load("sweep", overrides=["stage2.init=/m", "space.num_experts=[2,4]", "space.lr={loguniform: [1e-5, 1e-3]}",
+        command_config("sweep", overrides=["space.num_experts=[2,4]"])
+    cfg = command_config("sweep", overrides=["stage2.init=/m", "space.num_experts=[2,4]", "space.lr={loguniform: [1e-5, 1e-3]}",
                                    "num_samples=2", "preset=tiny"])
     assert cfg.n_trials == 4 and cfg.space.lr.kind == "loguniform"
     assert cfg.stage2_dict()["train"]["max_steps"] == 20  # the tiny recipe's stage 2 underneath

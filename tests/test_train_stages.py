@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sepit.config.base import ConfigError
-from sepit.config.recipes import load
+from sepit.pipeline import command_config
 from sepit.train.lineage import git_commit
 from sepit.train.step_log import read_step_log
 from ray_head import RAY_CLI
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_stage2_refuses_zero3_at_config_time(capsys):
     with pytest.raises(ConfigError, match=r"train.zero_stage=3.*ZeRO-3"):
-        load("stage2", "tiny", overrides=["init=x", "train.zero_stage=3"])
+        command_config("stage2", "tiny", overrides=["init=x", "train.zero_stage=3"])
     from sepit.cli import main
 
     # The command fails before touching Ray, data or MLflow, with a one-line reason.
@@ -40,7 +40,7 @@ def test_zero3_with_structure_bias_is_accepted_for_stages_0_and_1():
     # ZeRO-3 trains a structure-biased encoder (tests/test_zero3_structure_bias.py: equal to
     # ZeRO-2); only stage 2 refuses ZeRO-3 (DeepSpeed MoE, above).
     for stage in ("stage0", "stage1"):
-        cfg = load(stage, "tiny", overrides=["train.zero_stage=3"])
+        cfg = command_config(stage, "tiny", overrides=["train.zero_stage=3"])
         assert cfg.train.zero_stage == 3 and cfg.model.encoder.use_structure
 
 

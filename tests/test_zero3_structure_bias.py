@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sepit.config.recipes import load
+from sepit.pipeline import command_config
 from sepit.models.encoder import ProteinEncoder
 from sepit.resources import DATA_DIR, data_path
 from sepit.structure.parse import load_records
@@ -85,7 +85,7 @@ def stage0_data(tmp_path_factory) -> Path:
 
 
 def _run(root: Path, out: Path, tiny_bert: Path, zero_stage: int) -> Path:
-    cfg = load("stage0", "tiny", overrides=[
+    cfg = command_config("stage0", "tiny", overrides=[
         f"data.dataset_dir={root}", f"model.text_encoder_path={tiny_bert}", "model.encoder.chunk_size=16",
         f"train.output_dir={out}", f"train.zero_stage={zero_stage}", "train.num_workers=2",
         "train.cpus_per_worker=0.5", "train.micro_batch_size=2", f"train.max_steps={STEPS}", "train.warmup_steps=1",

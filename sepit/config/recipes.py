@@ -1,45 +1,29 @@
-"""Presets: one typed recipe per name, for the whole pipeline, and the one config loader.
+"""Presets: one recipe per name for the whole pipeline, and the one config loader.
 
-``recipe("small")`` is a :class:`PipelineConfig` whose sections are the typed configs of every
-step (``PreprocessConfig``, ``BuildConfig``, ``Stage0JobConfig``, ``Stage1JobConfig``,
-``Stage2JobConfig``, ``EvaluateConfig``).  Every command takes its section from it, so a preset
-name means the same hyperparameters everywhere: ``sepit stage1 --preset small`` trains exactly the
-stage 1 that ``sepit pipeline --preset small`` trains (apart from the paths the pipeline wires).
+A recipe is data: :func:`sections` gives, for preset ``name``, every step's section
+(``preprocess``, ``dataset``, ``stage0``, ``stage1``, ``stage2``, ``evaluate``) as a nested dict,
+built in two layers, both here:
 
-A recipe is built in two layers, both here:
-
-* the training stages' defaults per preset (:func:`_stage_defaults`: model sizes from the
-  ``EncoderConfig``/``LLMConfig``/``SepitConfig``/``CLIPConfig`` size tables, steps, learning
-  rates, ZeRO, answer lengths);
+* the training stages' defaults per preset (:func:`_stage_defaults`: model sizes from
+  :data:`MODEL_SIZES`, steps, learning rates, ZeRO, answer lengths);
 * ``sepit/config/presets/<name>.yaml`` on top: what the pipeline decided and measured for that
   preset (shorter proteins, stage-2 per-example loss, steps, evaluation sample ...).
 
-:func:`load` is the one loader of every command: preset <- YAML file <- named flags <- dotted
-overrides, typed and validated (:class:`ConfigError` names the dotted path).
+Every command types its own section with its own config class through :func:`load` (preset <-
+YAML file <- named flags <- dotted overrides, validated; :class:`ConfigError` names the dotted
+path), so a preset name means the same hyperparameters everywhere: ``sepit stage1 --preset
+small`` trains exactly the stage 1 that ``sepit pipeline --preset small`` trains (apart from the
+paths the pipeline wires).  The typed whole-pipeline view is :func:`sepit.pipeline.recipe`; the
+model configs' ``preset()`` constructors read :data:`MODEL_SIZES`.  This package imports no
+other sepit package, so every package may use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping
 
-from sepit.config.base import (
-    ConfigError,
-    check_choice,
-    from_dict,
-    load_yaml,
-    merge,
-    parse_overrides,
-    to_dict,
-)
-from sepit.config.steps import PIPELINE_STEPS, STEPS
-from sepit.data.build import BuildConfig
-from sepit.data.preprocess import PreprocessConfig
-from sepit.evaluation.run import EvaluateConfig
-from sepit.train.stage0 import Stage0JobConfig
-from sepit.train.stage1 import Stage1JobConfig
-from sepit.train.stage2 import Stage2JobConfig
+from sepit.config.base import ConfigError, check_choice, from_dict, load_yaml, merge, parse_overrides
 
 #: Preset name -> what it is for.
 PRESETS: dict[str, str] = {
@@ -51,40 +35,38 @@ PRESETS: dict[str, str] = {
 DEFAULT_PRESET = "small"
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
+#: Model sizes per preset (fields of ``EncoderConfig``, ``LLMConfig`` and ``CLIPConfig``; the
+#: rest are those classes' defaults).
+MODEL_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    # ESM-2 layouts: tiny for tests, small = ESM-2 8M sizes, paper = ESM-2 650M sizes.
+    "encoder": {
+        "tiny": dict(num_layers=2, embed_dim=64, attention_heads=4, num_rbf=16, chunk_size=32),
+        "small": dict(num_layers=6, embed_dim=320, attention_heads=20, num_rbf=128),
+        "paper": dict(num_layers=33, embed_dim=1280, attention_heads=20, num_rbf=128),
+    },
+    # Llama layouts: tiny = seconds on a CPU core, small = CPU demo in minutes (vocabularies sized
+    # for a BPE trained on the bundled text), paper = TinyLlama-1.1B (the class defaults; point
+    # ``llm.path`` at a local TinyLlama folder for its weights).
+    "llm": {
+        "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=172, num_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+        "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+        "paper": {},
+    },
+    # Stage 0's contrastive heads and text length.
+    "clip": {
+        "tiny": dict(projection_dim=64, text_max_length=64),
+        "small": dict(projection_dim=256, text_max_length=128),
+        "paper": dict(projection_dim=512, text_max_length=256),
+    },
+}
 
-@dataclass
-class PipelineConfig:
-    preset: str = DEFAULT_PRESET
-    """Which preset this config started from (recorded in MLflow)."""
-    out: str = "runs/pipeline"
-    """Output folder: store/, dataset/, stage0/, stage1/, stage2/, eval/, mlflow.db."""
-    steps: list[str] = field(default_factory=lambda: list(PIPELINE_STEPS))
-    """Steps to run, in pipeline order; a skipped step's output must already exist under out."""
-    tracking_uri: Optional[str] = None
-    """MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite at <out>/mlflow.db."""
-    ray_address: Optional[str] = None
-    """Ray cluster to join; default RAY_ADDRESS or a local Ray on loopback."""
-    num_cpus: Optional[int] = None
-    """Logical CPUs of a local Ray (more than the cores keeps data + training from starving)."""
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    """Preprocessing (out is set by the pipeline)."""
-    dataset: BuildConfig = field(default_factory=BuildConfig)
-    """Dataset build (proteins and out are set by the pipeline)."""
-    stage0: Stage0JobConfig = field(default_factory=Stage0JobConfig)
-    """Stage 0 (data and output folder are set by the pipeline)."""
-    stage1: Stage1JobConfig = field(default_factory=Stage1JobConfig)
-    """Stage 1 (data, init from stage 0 and output folder are set by the pipeline)."""
-    stage2: Stage2JobConfig = field(default_factory=Stage2JobConfig)
-    """Stage 2 (data, init from stage 1 and output folder are set by the pipeline)."""
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    """Evaluation (model, data, compare_model and out are set by the pipeline)."""
 
-    def __post_init__(self) -> None:
-        check_choice(self.preset, "preset", list(PRESETS))
-        for s in self.steps:
-            check_choice(s, "steps[]", PIPELINE_STEPS)
-        if not self.out:
-            raise ConfigError("out: an output folder is required")
+def model_sizes(part: str, name: str) -> dict[str, Any]:
+    """``MODEL_SIZES[part][name]`` (a copy), with the usual error for an unknown preset."""
+    check_choice(name, f"{part} preset", list(MODEL_SIZES[part]))
+    return dict(MODEL_SIZES[part][name])
 
 
 # --------------------------------------------------------------------------- the registry
@@ -113,48 +95,28 @@ def _train_defaults(name: str, stage: int) -> dict[str, Any]:
 
 
 def _stage_defaults(name: str) -> dict[str, Any]:
-    """The training stages' layer of a recipe: model sizes (the size tables of the model configs),
-    training defaults and answer lengths; the preset's YAML goes on top."""
-    from sepit.models.moe import MoEConfig
-    from sepit.models.sepit_lm import SepitConfig
-    from sepit.models.clip import CLIPConfig
-
-    sizes0 = {"tiny": dict(projection_dim=64, text_max_length=64),
-              "small": dict(projection_dim=256, text_max_length=128),
-              "paper": dict(projection_dim=512, text_max_length=256)}[name]
+    """The training stages' layer of a recipe: model sizes, training defaults and answer lengths;
+    the preset's YAML goes on top."""
+    encoder = model_sizes("encoder", name)
     answer = {"tiny": 96, "small": 256, "paper": 1024}[name]
     return {
-        "stage0": {"model": to_dict(CLIPConfig.preset(name, **sizes0)), "train": _train_defaults(name, 0)},
-        "stage1": {"model": to_dict(SepitConfig.preset(name)), "train": _train_defaults(name, 1),
+        "stage0": {"model": {"encoder": encoder, **model_sizes("clip", name)}, "train": _train_defaults(name, 0)},
+        "stage1": {"model": {"encoder": encoder, "llm": model_sizes("llm", name)}, "train": _train_defaults(name, 1),
                    "max_answer_tokens": answer},
-        "stage2": {"moe": to_dict(MoEConfig()), "train": _train_defaults(name, 2), "max_answer_tokens": answer},
+        "stage2": {"train": _train_defaults(name, 2), "max_answer_tokens": answer},
     }
 
 
-def recipe(name: str) -> PipelineConfig:
-    """The typed recipe of preset ``name``: every step's config, paths left at their defaults."""
+def sections(name: str) -> dict[str, Any]:
+    """Preset ``name`` as data: ``{"preset": name, "num_cpus": ..., "stage1": {...}, ...}``, every
+    step's section with paths left unset."""
     check_choice(name, "--preset", list(PRESETS))
     data = merge(_stage_defaults(name), load_yaml(PRESET_DIR / f"{name}.yaml"))
     data["preset"] = name
-    return from_dict(PipelineConfig, data)
+    return data
 
 
 # --------------------------------------------------------------------------- the loader
-def _command_base(command: str, preset: str) -> tuple[type, dict[str, Any]]:
-    """(config class, preset layer as a dict) of ``command``: "pipeline" or a step of
-    :data:`sepit.config.steps.STEPS`."""
-    if command == "pipeline":
-        return PipelineConfig, to_dict(recipe(preset))
-    if command == "sweep":
-        from sepit.tune.config import SweepConfig
-
-        return SweepConfig, {"preset": preset}  # its stage2 section goes on the recipe's (stage2_config)
-    if command not in STEPS:
-        raise ConfigError(f"{command!r} has no config; choose one of {['pipeline', *STEPS]}")
-    cls, _ = STEPS[command].load()
-    return cls, to_dict(getattr(recipe(preset), command))
-
-
 def nested(flags: Mapping[str, Any]) -> dict[str, Any]:
     """``{"train.output_dir": "x", "init": None}`` -> ``{"train": {"output_dir": "x"}}`` (None = unset)."""
     out: dict[str, Any] = {}
@@ -169,21 +131,28 @@ def nested(flags: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(command: str, preset: str | None = None, path: str | Path | None = None,
-         flags: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> Any:
-    """The typed config of ``command`` ("pipeline", "stage1", "evaluate", "sweep", ...):
-    preset (default :data:`DEFAULT_PRESET`) <- YAML file <- named flags (dotted key -> value,
-    None = not given) <- dotted ``key=value`` overrides."""
+def load(cls: type, section: str | None, preset: str | None = None, path: str | Path | None = None,
+         flags: Mapping[str, Any] | None = None, overrides: Iterable[str] = (), *,
+         base: Mapping[str, Any] | None = None,
+         prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
+    """The typed config ``cls`` of a command: preset (default :data:`DEFAULT_PRESET`; its
+    ``section``, or the whole recipe for ``section=None``, or ``base`` when given) <- YAML file <-
+    named flags (dotted key -> value, None = not given) <- dotted ``key=value`` overrides;
+    ``prepare`` may rework the merged dict before it is typed."""
     preset = preset or DEFAULT_PRESET
     check_choice(preset, "--preset", list(PRESETS))
-    cls, data = _command_base(command, preset)
+    if base is not None:
+        data = dict(base)
+    else:
+        recipe_data = sections(preset)
+        if section is not None and section not in recipe_data:
+            raise ConfigError(f"{section!r} is not a section of the recipes; choose one of "
+                              f"{sorted(k for k, v in recipe_data.items() if isinstance(v, dict))}")
+        data = recipe_data[section] if section is not None else recipe_data
     if path:
         data = merge(data, load_yaml(path))
     data = merge(data, nested(flags or {}))
     data = merge(data, parse_overrides(overrides))
-    if command == "sweep":
-        from sepit.tune.config import prepare_sweep_data
-
-        data = prepare_sweep_data(data)
+    if prepare is not None:
+        data = prepare(data)
     return from_dict(cls, data)
-

@@ -1,7 +1,7 @@
 """The one registry of sepit's steps: name -> where its config class and run function live.
 
-``sepit.cli`` (commands), ``sepit.pipeline`` (the steps it chains) and ``sepit.config.recipes``
-(the typed section of each step) all read it.  Modules are imported only when a step is used, so
+``sepit.cli`` (commands), ``sepit.pipeline`` (the steps it chains, and the typed recipe of
+each) and the stage commands (their config class) all read it.  Modules are imported only when a step is used, so
 ``sepit --help`` and the commands that do not train never import torch.
 """
 

@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from sepit.config.recipes import load
 
-        cfg = load("evaluate", args.preset, args.config, _cli_flags(args), args.overrides)
+        cfg = load(EvaluateConfig, "evaluate", args.preset, args.config, _cli_flags(args), args.overrides)
         cfg.check_inputs()
         from sepit.console import capture_logs
 

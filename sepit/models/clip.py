@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sepit.config.base import check_range, from_dict, to_dict
+from sepit.config.recipes import model_sizes
 from sepit.models.encoder import EncoderConfig, ProteinEncoder
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
 from sepit.models.protein_batch import ProteinBatch
@@ -69,7 +70,7 @@ class CLIPConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "CLIPConfig":
-        return from_dict(cls, {"encoder": to_dict(EncoderConfig.preset(name)), **overrides})
+        return from_dict(cls, {"encoder": model_sizes("encoder", name), **model_sizes("clip", name), **overrides})
 
 
 @dataclass

@@ -27,6 +27,7 @@ from esm.modules import ContactPredictionHead, ESM1bLayerNorm, RobertaLMHead, Tr
 from torch import nn
 
 from sepit.config.base import ConfigError, check_choice, check_range, from_dict, to_dict
+from sepit.config.recipes import model_sizes
 from sepit.errors import SepitError
 from sepit.models.io import ModelFolderError, load_state, read_config, save_folder
 from sepit.models.structure_bias import GRAPH_MODES, StructureBias, StructureBiasConfig
@@ -87,13 +88,7 @@ class EncoderConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "EncoderConfig":
         """``tiny`` (tests), ``small`` (ESM-2 8M sizes), ``paper`` (ESM-2 650M sizes)."""
-        presets = {
-            "tiny": dict(num_layers=2, embed_dim=64, attention_heads=4, num_rbf=16, chunk_size=32),
-            "small": dict(num_layers=6, embed_dim=320, attention_heads=20, num_rbf=128),
-            "paper": dict(num_layers=33, embed_dim=1280, attention_heads=20, num_rbf=128),
-        }
-        check_choice(name, "encoder preset", presets)
-        return from_dict(cls, {**presets[name], **overrides})
+        return from_dict(cls, {**model_sizes("encoder", name), **overrides})
 
     def structure_bias_config(self) -> StructureBiasConfig:
         return StructureBiasConfig(

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sepit.config.base import ConfigError, check_choice, check_range
+from sepit.config.base import ConfigError, check_choice, check_range, from_dict
+from sepit.config.recipes import model_sizes
 from sepit.errors import SepitError
 
 
@@ -69,18 +70,7 @@ class LLMConfig:
 
     @classmethod
     def preset(cls, name: str) -> "LLMConfig":
-        presets = {
-            # Seconds on a CPU core; vocab sized for a BPE trained on the bundled QA text.
-            "tiny": cls(vocab_size=1024, hidden_size=64, intermediate_size=172, num_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-            # CPU demo in minutes.
-            "small": cls(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
-            # TinyLlama-1.1B shapes; point `path` at a local TinyLlama folder for its weights.
-            "paper": cls(),
-        }
-        check_choice(name, "preset", list(presets))
-        return presets[name]
+        return from_dict(cls, model_sizes("llm", name))
 
     def with_path(self, path: str | Path) -> "LLMConfig":
         return replace(self, path=str(path))

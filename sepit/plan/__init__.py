@@ -128,7 +128,8 @@ def model_state_bytes(p: ParamCounts, zero: int, gpus: int, ep_size: int, precis
 def resolve_request(req: PlanRequest) -> tuple[PlanRequest, dict[str, Any]]:
     """Fill the preset's defaults; returns the request and the stage config values used."""
     from sepit.config.base import ConfigError, to_dict
-    from sepit.config.recipes import PRESETS, recipe
+    from sepit.config.recipes import PRESETS
+    from sepit.pipeline import recipe
     from sepit.models.moe import MoEConfig
 
     if req.preset not in PRESETS:

@@ -85,7 +85,7 @@ def count_stage_parameters(preset: str, stage: int, *, num_experts: int, vocab_s
                            residues: int, answer_tokens: int, prompt_tokens: int, micro_batch: int
                            ) -> tuple[ParamCounts, ActivationShapes]:
     """Parameter counts and activation shapes of ``stage`` built from the recipe ``preset``."""
-    from sepit.config.recipes import recipe
+    from sepit.pipeline import recipe
 
     steps = recipe(preset)
     enc = steps.stage1.model.encoder

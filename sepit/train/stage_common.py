@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sepit.config.base import ConfigError
 from sepit.errors import SepitError
 
 
@@ -60,10 +59,12 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: int) -> None:
 def config_from_args(args: argparse.Namespace, step: str) -> Any:
     """preset <- YAML <- named flags <- dotted overrides, typed and validated."""
     from sepit.config.recipes import load
+    from sepit.config.steps import STEPS
 
+    cls, _ = STEPS[step].load()
     flags = {"data.dataset_dir": args.data, "train.output_dir": args.out, "init": getattr(args, "init", None),
              "train.tracking_uri": args.tracking_uri, "train.parent_run_id": args.parent_run_id}
-    return load(step, args.preset, args.config, flags, args.overrides)
+    return load(cls, step, args.preset, args.config, flags, args.overrides)
 
 
 def run_cli(args: argparse.Namespace, name: str, run_fn) -> int:

@@ -21,9 +21,9 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Mapping, Optional
 
-from sepit.config.base import ConfigError, check_range, from_dict, merge, to_dict
+from sepit.config.base import ConfigError, check_range, from_dict, merge
 
 from .space import PARAM_PATHS, SearchSpace, stage_overrides
 
@@ -103,9 +103,9 @@ class SweepConfig:
 
     def stage2_dict(self) -> dict[str, Any]:
         """The shared stage-2 config: the recipe's stage-2 section <- ``stage2`` section."""
-        from sepit.config.recipes import recipe
+        from sepit.config.recipes import sections
 
-        return merge(to_dict(recipe(self.preset).stage2), self.stage2)
+        return merge(sections(self.preset)["stage2"], self.stage2)
 
     @property
     def out_path(self) -> Path:
@@ -114,6 +114,16 @@ class SweepConfig:
     @property
     def n_trials(self) -> int:
         return self.space.grid_size() * self.num_samples
+
+
+def load_sweep(preset: str | None = None, path: str | Path | None = None,
+               flags: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> SweepConfig:
+    """The sweep's config: ``preset`` (which recipe's stage-2 section the ``stage2`` section goes
+    on) <- YAML file <- named flags <- dotted overrides."""
+    from sepit.config.recipes import DEFAULT_PRESET, load
+
+    return load(SweepConfig, None, preset, path, flags, overrides, base={"preset": preset or DEFAULT_PRESET},
+                prepare=prepare_sweep_data)
 
 
 def prepare_sweep_data(data: dict[str, Any]) -> dict[str, Any]:

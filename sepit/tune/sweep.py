@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from sepit.config.base import RUN_CONFIG, ConfigError, to_dict
+from sepit.config.base import RUN_CONFIG, to_dict
 from sepit.errors import SepitError
 
-from .config import SweepConfig, local_cpus_needed, resolve_inputs, validate_sweep
+from .config import SweepConfig, load_sweep, local_cpus_needed, resolve_inputs, validate_sweep
 from .results import (METRIC_COLUMNS, attach_trial_files, best_record, best_row, sort_rows, summary_markdown,
                       trial_rows, write_csv)
 from .trial import run_trial
@@ -236,10 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    from sepit.config.recipes import load
-
     flags = {"preset": args.preset, "stage2.init": args.init, "stage2.data.dataset_dir": args.data, "out": args.out}
-    return load("sweep", args.preset, args.config, flags, args.overrides)
+    return load_sweep(args.preset, args.config, flags, args.overrides)
 
 
 def run(args: argparse.Namespace) -> int:
