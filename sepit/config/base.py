@@ -16,7 +16,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import yaml
 
@@ -205,13 +205,34 @@ def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] = (),
     base: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> T:
-    """``base`` (e.g. a preset) <- YAML file <- dotted overrides, then typed + validated."""
+    """The one config loader: ``base`` (a preset's section, :func:`sepit.config.recipes.load`)
+    <- YAML file <- named flags (dotted key -> value, None = not given) <- dotted ``key=value``
+    overrides; ``prepare`` may rework the merged dict; then typed + validated."""
     data: dict[str, Any] = dict(base or {})
-    if path is not None:
+    if path:
         data = merge(data, load_yaml(path))
+    data = merge(data, nested(flags or {}))
     data = merge(data, parse_overrides(overrides))
+    if prepare is not None:
+        data = prepare(data)
     return from_dict(cls, data)
+
+
+def nested(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.output_dir": "x", "init": None}`` -> ``{"train": {"output_dir": "x"}}`` (None = unset)."""
+    out: dict[str, Any] = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

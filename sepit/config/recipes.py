@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from sepit.config.base import ConfigError, check_choice, from_dict, load_yaml, merge, parse_overrides
+from sepit.config.base import ConfigError, check_choice, load_config, load_yaml, merge
 
 #: Preset name -> what it is for.
 PRESETS: dict[str, str] = {
@@ -117,42 +117,19 @@ def sections(name: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the loader
-def nested(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"train.output_dir": "x", "init": None}`` -> ``{"train": {"output_dir": "x"}}`` (None = unset)."""
-    out: dict[str, Any] = {}
-    for key, value in flags.items():
-        if value is None:
-            continue
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 def load(cls: type, section: str | None, preset: str | None = None, path: str | Path | None = None,
          flags: Mapping[str, Any] | None = None, overrides: Iterable[str] = (), *,
          base: Mapping[str, Any] | None = None,
          prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Any:
     """The typed config ``cls`` of a command: preset (default :data:`DEFAULT_PRESET`; its
     ``section``, or the whole recipe for ``section=None``, or ``base`` when given) <- YAML file <-
-    named flags (dotted key -> value, None = not given) <- dotted ``key=value`` overrides;
-    ``prepare`` may rework the merged dict before it is typed."""
+    named flags <- dotted overrides, through :func:`sepit.config.base.load_config`."""
     preset = preset or DEFAULT_PRESET
     check_choice(preset, "--preset", list(PRESETS))
-    if base is not None:
-        data = dict(base)
-    else:
+    if base is None:
         recipe_data = sections(preset)
         if section is not None and section not in recipe_data:
             raise ConfigError(f"{section!r} is not a section of the recipes; choose one of "
                               f"{sorted(k for k, v in recipe_data.items() if isinstance(v, dict))}")
-        data = recipe_data[section] if section is not None else recipe_data
-    if path:
-        data = merge(data, load_yaml(path))
-    data = merge(data, nested(flags or {}))
-    data = merge(data, parse_overrides(overrides))
-    if prepare is not None:
-        data = prepare(data)
-    return from_dict(cls, data)
+        base = recipe_data[section] if section is not None else recipe_data
+    return load_config(cls, path, overrides, base=base, flags=flags, prepare=prepare)

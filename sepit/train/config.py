@@ -79,8 +79,10 @@ class TrainConfig:
     shuffle_rows: int = 4096
     """Rows held by each worker's seeded shuffle buffer (re-shuffled every epoch; 0 = file order)."""
     materialize_mb: float = 64.0
-    """Splits whose Parquet file is at most this size are read once into Ray's object store
-    (fast epochs and restarts); larger ones stream from storage every epoch."""
+    """Splits whose Parquet file is at most this size are read once into Ray's object store as
+    one Arrow table that each worker reads its share of (fast start, epochs and restarts, no Ray
+    Data execution); larger ones are Ray Datasets that stream from storage every epoch (0 = always
+    stream)."""
     max_residues: int = 1022
     """Longest protein fed to the encoder; longer ones are cut (sequence and coordinates together)."""
 
