@@ -72,6 +72,12 @@ def test_sweep_config_names_unknown_parameters_and_requires_init():
                                    "num_samples=2", "preset=tiny"])
     assert cfg.n_trials == 4 and cfg.space.lr.kind == "loguniform"
     assert cfg.stage2_dict()["train"]["max_steps"] == 20  # the tiny recipe's stage 2 underneath
+    # the shared section is typed at load time: a wrong field fails before any trial is built
+    from sepit.train.stage2 import Stage2JobConfig
+
+    assert isinstance(cfg.stage2, Stage2JobConfig) and cfg.stage2.init == "/m"
+    with pytest.raises(ConfigError, match=r"^stage2\..*max_stepz"):
+        command_config("sweep", overrides=["stage2.init=/m", "stage2.train.max_stepz=3"])
 
 
 # --------------------------------------------------------------------------- validation before Ray

@@ -2,10 +2,10 @@
 
 Every trial is one stage-2 training run (:func:`sepit.train.stage2.run_stage2`) started from the
 same stage-1 model, with the trial's sampled values written into its stage-2 config.  The
-``stage2`` section holds the stage-2 config shared by all trials (``Stage2JobConfig`` fields:
-``init`` = the stage-1 folder or MLflow run id, ``data.dataset_dir``, ``train``, ``moe`` ...), on
-top of the stage-2 section of the recipe named by ``preset`` (:mod:`sepit.config.recipes`, the
-same stage 2 that ``sepit stage2`` and ``sepit pipeline`` train); the sweep sets each trial's ``train.output_dir``
+``stage2`` section is the typed stage-2 config shared by all trials (a ``Stage2JobConfig``:
+``init`` = the stage-1 folder or MLflow run id, ``data.dataset_dir``, ``train``, ``moe`` ...): the
+stage-2 section of the recipe named by ``preset`` (:mod:`sepit.config.recipes`, the same stage 2
+that ``sepit stage2`` and ``sepit pipeline`` train) with the fields given under ``stage2`` on top; the sweep sets each trial's ``train.output_dir``
 (``<out>/trials/<trial_id>``), ``train.run_name``, ``train.tracking_uri`` and
 ``train.parent_run_id`` itself.
 
@@ -21,11 +21,14 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Optional
 
-from sepit.config.base import ConfigError, check_range, from_dict, merge
+from sepit.config.base import ConfigError, check_range, from_dict, merge, to_dict
 
 from .space import PARAM_PATHS, SearchSpace, stage_overrides
+
+if TYPE_CHECKING:
+    from sepit.train.stage2 import Stage2JobConfig
 
 #: Stage-2 ``train`` fields the sweep owns per trial (user values are replaced).
 TRIAL_OWNED_TRAIN_FIELDS = ("output_dir", "run_name", "tracking_uri", "parent_run_id", "ray_address")
@@ -39,9 +42,10 @@ class SweepConfig:
     """Output folder: trials/<trial_id>/ (each trial's stage-2 run), tune/ (Ray Tune state),
     sweep_results.csv, best.json, sweep.md, config.yaml, mlflow.db (default store)."""
     preset: Literal["tiny", "small", "paper"] = "small"
-    """Recipe (sepit.config.recipes) whose stage-2 section the ``stage2`` section goes on top of."""
-    stage2: dict[str, Any] = field(default_factory=dict)
-    """Stage-2 config fields shared by all trials (``init`` is required; ``data.dataset_dir``)."""
+    """Recipe (sepit.config.recipes) whose stage-2 section the ``stage2`` fields go on top of."""
+    stage2: Any = field(default_factory=dict)
+    """The stage-2 config shared by all trials (a ``Stage2JobConfig``; given as a mapping of its
+    fields, which go on the recipe's stage-2 section: ``init`` is required, ``data.dataset_dir``)."""
     space: SearchSpace = field(default_factory=SearchSpace)
     """What the trials vary (see sepit.tune.space)."""
     num_samples: int = 1
@@ -95,17 +99,14 @@ class SweepConfig:
         if not self.metric.startswith("val_"):
             raise ConfigError(f"metric={self.metric!r}: the objective is a validation metric of the stage-2 run "
                               "(val_lm_loss, val_loss, ...)")
-        if not isinstance(self.stage2, dict):
-            raise ConfigError(f"stage2: expected a mapping of stage-2 config fields, got {type(self.stage2).__name__}")
-        if not self.stage2.get("init"):
+        self.stage2 = shared_stage2(self.preset, self.stage2)
+        if not self.stage2.init:
             raise ConfigError("stage2.init is required: the stage-1 model folder (or its MLflow run id) "
                               "every trial starts from")
 
     def stage2_dict(self) -> dict[str, Any]:
-        """The shared stage-2 config: the recipe's stage-2 section <- ``stage2`` section."""
-        from sepit.config.recipes import sections
-
-        return merge(sections(self.preset)["stage2"], self.stage2)
+        """The shared stage-2 config as a dict (what every trial's values go on)."""
+        return to_dict(self.stage2)
 
     @property
     def out_path(self) -> Path:
@@ -114,6 +115,22 @@ class SweepConfig:
     @property
     def n_trials(self) -> int:
         return self.space.grid_size() * self.num_samples
+
+
+def shared_stage2(preset: str, stage2: Any) -> "Stage2JobConfig":
+    """``stage2`` as a typed ``Stage2JobConfig``: a mapping goes on the stage-2 section of recipe
+    ``preset``; a ``Stage2JobConfig`` is kept.  Errors name ``stage2.<field>``."""
+    from sepit.config.recipes import sections
+    from sepit.train.stage2 import Stage2JobConfig
+
+    if isinstance(stage2, Stage2JobConfig):
+        return stage2
+    if not isinstance(stage2, Mapping):
+        raise ConfigError(f"stage2: expected a mapping of stage-2 config fields, got {type(stage2).__name__}")
+    try:
+        return from_dict(Stage2JobConfig, merge(sections(preset)["stage2"], dict(stage2)))
+    except ConfigError as exc:
+        raise ConfigError(f"stage2.{exc}") from None
 
 
 def load_sweep(preset: str | None = None, path: str | Path | None = None,
@@ -222,9 +239,8 @@ def resolve_inputs(cfg: SweepConfig, tracking_uri: str | None) -> SweepConfig:
     from sepit.train.stage2 import SEPIT_MODEL_TYPE
     from sepit.train.stage_common import StageInitError, check_model_folder
 
-    stage2 = dict(cfg.stage2)
     try:
-        parent = resolve_parent(str(stage2["init"]), tracking_uri, download_to=cfg.out_path / "init")
+        parent = resolve_parent(str(cfg.stage2.init), tracking_uri, download_to=cfg.out_path / "init")
         check_model_folder(parent.path, SEPIT_MODEL_TYPE, "a stage-1 SEPIT model export")
     except (ParentNotFoundError, StageInitError) as exc:
         raise ConfigError(f"stage2.init: {exc}") from None
@@ -232,11 +248,8 @@ def resolve_inputs(cfg: SweepConfig, tracking_uri: str | None) -> SweepConfig:
     if (saved.get("sepit") or {}).get("moe"):
         raise ConfigError(f"stage2.init: {parent.path} is already an MoE (stage-2) model; "
                           "the sweep upcycles a dense stage-1 model")
-    stage2["init"] = parent.path
-    data = stage2.get("data")
-    if isinstance(data, dict) and isinstance(data.get("dataset_dir"), str):
-        stage2["data"] = dict(data, dataset_dir=str(Path(data["dataset_dir"]).resolve()))
-    return dataclasses.replace(cfg, stage2=stage2)
+    data = dataclasses.replace(cfg.stage2.data, dataset_dir=str(Path(cfg.stage2.data.dataset_dir).resolve()))
+    return dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, init=parent.path, data=data))
 
 
 def local_cpus_needed(cfg: SweepConfig, stage: Any) -> int:

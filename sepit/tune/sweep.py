@@ -193,7 +193,7 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict[str,
                    tags={"sepit.kind": "sweep", "sepit.stage": "stage2", "sepit.sweep_out": str(out)}) as run:
         run_id = run.info.run_id
         log_params({"sweep": {k: v for k, v in sweep_config_dict(cfg).items() if k != "stage2"},
-                    "stage2": cfg.stage2, "n_trials": cfg.n_trials})
+                    "stage2": cfg.stage2_dict(), "n_trials": cfg.n_trials})
         grid = _tuner(cfg, stages[0], uri, run_id).fit()
         _release_after_sweep()
         rows = trial_rows(grid, param_keys, cfg.metric, out)
@@ -205,7 +205,7 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print) -> dict[str,
         write_csv(rows, out / RESULTS_CSV)
         best_rec = best_record(best, param_keys, cfg.metric, cfg.mode, run_id, uri)
         (out / BEST_JSON).write_text(json.dumps(best_rec, indent=2, default=str))
-        header = {"stage-1 model": cfg.stage2.get("init"), "dataset": stages[0].data.dataset_dir,
+        header = {"stage-1 model": cfg.stage2.init, "dataset": stages[0].data.dataset_dir,
                   "objective": f"{cfg.metric} ({cfg.mode})", "scheduler": cfg.scheduler,
                   "space": ", ".join(f"{k}={s.describe()}" for k, s in cfg.space.specs().items()),
                   "MLflow sweep run": f"{run_id} ({uri})"}
