@@ -121,17 +121,40 @@ def _wait_for_trial_processes(rows: list[dict[str, Any]], out: Path, timeout_s: 
 
     from .trial import read_trial_file
 
+    import ray
+
     deadline = time.monotonic() + timeout_s
+    here = ray.get_runtime_context().get_node_id()
     for row in rows:
         if row["status"] == "TERMINATED":
             continue
         actor_id = (read_trial_file(out / "trials" / str(row["trial_id"])) or {}).get("actor_id")
-        while actor_id and (actors(actor_id=actor_id) or {}).get("State", "DEAD") != "DEAD":
+        if not actor_id:
+            continue
+        while (actors(actor_id=actor_id) or {}).get("State", "DEAD") != "DEAD":
             if time.monotonic() > deadline:
-                warnings.warn(f"trial {row['trial_id']}: its process was still alive {timeout_s:.0f} s after the "
-                              "sweep ended; its files and MLflow run status may still change", stacklevel=2)
                 break
             time.sleep(0.2)
+        # Ray reports the actor DEAD once its worker disconnects; the process can still be
+        # exiting (and its stage thread closing the MLflow run) for a moment.  On this node,
+        # wait for the process itself.
+        info = actors(actor_id=actor_id) or {}
+        pid, node = info.get("Pid"), (info.get("Address") or {}).get("NodeID")
+        while pid and node == here and _process_alive(pid) and time.monotonic() <= deadline:
+            time.sleep(0.2)
+        if time.monotonic() > deadline:
+            warnings.warn(f"trial {row['trial_id']}: its process was still alive {timeout_s:.0f} s after the "
+                          "sweep ended; its files and MLflow run status may still change", stacklevel=2)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _close_trial_runs(rows: list[dict[str, Any]], tracking_uri: str) -> None:
