@@ -54,6 +54,28 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def lm():
+    """A seeded tiny SEPIT model (eval mode) and its processor, one per test module, built as
+    stage 1 builds them (``lm_support.build_lm``)."""
+    import torch
+    from lm_support import build_lm
+
+    torch.manual_seed(0)
+    model, processor = build_lm()
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def model(lm):
+    return lm[0]
+
+
+@pytest.fixture(scope="module")
+def processor(lm):
+    return lm[1]
+
+
 @pytest.fixture(scope="session")
 def process_group():
     """A one-process gloo group, as DeepSpeed's engine would set up (MoE layers need expert groups).

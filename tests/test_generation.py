@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from sepit.models.generation import DecodeBatch, PreallocatedKVLayer
@@ -10,25 +9,6 @@ from sepit.models.generation import DecodeBatch, PreallocatedKVLayer
 QUESTIONS = ["What is the function of <protein>?", "Where is <protein> located in the cell?",
              "Describe <protein>.", "Which pathway involves <protein>?"]
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MSDNGPQ", "MAHHHHHHVDDDDKMLLLWWPPQRSTV", "MKV"]
-
-
-@pytest.fixture(scope="module")
-def lm():
-    from lm_support import build_lm
-
-    torch.manual_seed(0)
-    model, processor = build_lm()
-    return model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def model(lm):
-    return lm[0]
-
-
-@pytest.fixture(scope="module")
-def processor(lm):
-    return lm[1]
 
 
 def _inputs(processor, idx: list[int]) -> dict:

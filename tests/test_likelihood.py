@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lm_support import build_lm, save_lm
+from lm_support import save_lm
 
 from sepit.evaluation.generate import GenerationTask, ModelReplica, replica_item
 from sepit.evaluation.likelihood import OptionScores, closed_set_options, score_options, sequence_logprobs
@@ -27,23 +27,6 @@ SEQS = ["MSLEQKKGADIISKILQIQNSIGK", "MVLSPADKTNVKAAW"]
 MC_CHOICES = ["Cytoplasm", "Nucleus", "Cell membrane", "Mitochondrion matrix"]
 MC_QUESTION = ("Where is <protein> located?\nOptions:\n"
                + "\n".join(f"{letter}) {c}" for letter, c in zip("ABCD", MC_CHOICES)))
-
-
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    model, processor = build_lm()
-    return model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def model(lm):
-    return lm[0]
-
-
-@pytest.fixture(scope="module")
-def processor(lm):
-    return lm[1]
 
 
 def _hand_set(model, bias: torch.Tensor) -> SepitForConditionalGeneration:

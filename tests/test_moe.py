@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-from lm_support import build_lm, load_lm, save_lm
+from lm_support import load_lm, save_lm
 
 from sepit.data.prompts import IGNORE_INDEX
 from sepit.models.moe import (
@@ -27,26 +27,9 @@ QA = [("What does <protein> do?", "It hydrolyses NAD(+)."),
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def dense_lm():
-    torch.manual_seed(0)
-    model, processor = build_lm()
-    return model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def dense_model(dense_lm):
-    return dense_lm[0]
-
-
-@pytest.fixture(scope="module")
-def processor(dense_lm):
-    return dense_lm[1]
-
-
-def _upcycled(dense_model, perturb=False, **kw):
+def _upcycled(model, perturb=False, **kw):
     """Upcycled copy of the dense model; with ``perturb`` also an exported (plain) copy of it."""
-    m = copy.deepcopy(dense_model)
+    m = copy.deepcopy(model)
     upcycle_to_moe(m, **kw)
     if perturb:
         _perturb_experts(m)
@@ -81,9 +64,9 @@ def _batch(model, processor):
     return ids, mask, labels, prot
 
 
-def test_experts_start_as_dense_copies_and_combine_like_deepspeed(dense_model, process_group):
-    m, _ = _upcycled(dense_model, num_experts=4, top_k=1, capacity_factor=8.0, eval_capacity_factor=8.0)
-    dense_layers = dense_model.llm.model.layers
+def test_experts_start_as_dense_copies_and_combine_like_deepspeed(model, process_group):
+    m, _ = _upcycled(model, num_experts=4, top_k=1, capacity_factor=8.0, eval_capacity_factor=8.0)
+    dense_layers = model.llm.model.layers
     blocks = dict(moe_blocks(m))
     assert sorted(blocks) == list(range(len(dense_layers)))
     assert m.config.moe.num_experts == 4 and not m.config.moe.exported
@@ -106,8 +89,8 @@ def test_experts_start_as_dense_copies_and_combine_like_deepspeed(dense_model, p
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_exported_block_matches_deepspeed_block(dense_model, process_group, top_k):
-    m, plain = _upcycled(dense_model, perturb=True, num_experts=4, top_k=top_k, capacity_factor=16.0,
+def test_exported_block_matches_deepspeed_block(model, process_group, top_k):
+    m, plain = _upcycled(model, perturb=True, num_experts=4, top_k=top_k, capacity_factor=16.0,
                          eval_capacity_factor=16.0)
     assert plain.config.moe.exported
     for (i, ds), (j, pl) in zip(moe_blocks(m), moe_blocks(plain)):
@@ -125,8 +108,8 @@ def test_exported_block_matches_deepspeed_block(dense_model, process_group, top_
         assert int(pl.expert_counts.sum()) == expected_tokens
 
 
-def test_whole_model_aux_loss_stats_and_export_parity(dense_model, process_group, processor):
-    m, plain = _upcycled(dense_model, perturb=True, num_experts=4, top_k=1, capacity_factor=16.0,
+def test_whole_model_aux_loss_stats_and_export_parity(model, process_group, processor):
+    m, plain = _upcycled(model, perturb=True, num_experts=4, top_k=1, capacity_factor=16.0,
                          eval_capacity_factor=16.0, aux_loss_coef=0.01)
     ids, mask, labels, prot = _batch(m, processor)
     out = m(ids, mask, prot, labels)
@@ -148,8 +131,8 @@ def test_whole_model_aux_loss_stats_and_export_parity(dense_model, process_group
     assert plain.moe_stats() == m.moe_stats()
 
 
-def test_expert_params_get_their_own_optimizer_groups(dense_model, process_group):
-    m, _ = _upcycled(dense_model, num_experts=2, layers=[1])
+def test_expert_params_get_their_own_optimizer_groups(model, process_group):
+    m, _ = _upcycled(model, num_experts=2, layers=[1])
     assert [i for i, _ in moe_blocks(m)] == [1]
     m.freeze(encoder=True)
     groups = split_moe_param_groups(m.param_groups(base_lr=1e-4))
@@ -163,8 +146,8 @@ def test_expert_params_get_their_own_optimizer_groups(dense_model, process_group
         upcycle_to_moe(m)
 
 
-def test_stage2_model_roundtrips_and_generates_the_same(dense_model, process_group, processor, tmp_path):
-    _, m = _upcycled(dense_model, perturb=True, num_experts=3, top_k=1, capacity_factor=16.0,
+def test_stage2_model_roundtrips_and_generates_the_same(model, process_group, processor, tmp_path):
+    _, m = _upcycled(model, perturb=True, num_experts=3, top_k=1, capacity_factor=16.0,
                      eval_capacity_factor=16.0)
     questions = [q for q, _ in QA]
     proteins = [(s, None, None) for s in SEQS]
@@ -182,12 +165,12 @@ def test_stage2_model_roundtrips_and_generates_the_same(dense_model, process_gro
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
 
 
-def test_deepspeed_engine_trains_the_upcycled_model_at_zero2(dense_model, process_group, processor):
+def test_deepspeed_engine_trains_the_upcycled_model_at_zero2(model, process_group, processor):
     """deepspeed.initialize finds the MoE blocks (sets their expert groups) and a ZeRO-2 step
     with the split optimizer groups updates routers and experts."""
     import deepspeed
 
-    m = copy.deepcopy(dense_model)
+    m = copy.deepcopy(model)
     upcycle_to_moe(m, num_experts=2, top_k=1)
     m.freeze(encoder=True)
     m.config.structure_dropout = 0.0
@@ -213,9 +196,9 @@ def test_deepspeed_engine_trains_the_upcycled_model_at_zero2(dense_model, proces
     assert sum(m.moe_stats()[0]) == int(out.attention_mask.sum())
 
 
-def test_activation_checkpointing_reroutes_identically(dense_model, process_group, processor):
+def test_activation_checkpointing_reroutes_identically(model, process_group, processor):
     """Recomputing MoE blocks in backward sees the same padding mask: same loss, same grads."""
-    m, _ = _upcycled(dense_model, perturb=True, num_experts=2, layers=[1])
+    m, _ = _upcycled(model, perturb=True, num_experts=2, layers=[1])
     m.train()
     m.config.structure_dropout = 0.0
     ids, mask, labels, prot = _batch(m, processor)

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from lm_support import build_lm, load_lm, save_lm
+from lm_support import load_lm, save_lm
 
 from sepit.data import prompts
 from sepit.data.prompts import IGNORE_INDEX
@@ -22,13 +21,6 @@ SEPIT = Path(__file__).resolve().parents[1] / "sepit"
 SEQS = ["MSLEQKKGADIISKILQIQNSIGK", "MVLSPADKTNVKAAW"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    model, processor = build_lm()
-    return model.eval(), processor
 
 
 def _imports(path: Path) -> list[str]:

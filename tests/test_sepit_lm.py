@@ -28,23 +28,6 @@ QA = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def lm():
-    torch.manual_seed(0)
-    model, processor = build_lm()
-    return model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def model(lm):
-    return lm[0]
-
-
-@pytest.fixture(scope="module")
-def processor(lm):
-    return lm[1]
-
-
 def _coords(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.cumsum(torch.randn(n, 3, generator=g) * 2.2, 0)  # a random Cα walk, Å
