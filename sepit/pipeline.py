@@ -155,8 +155,12 @@ def _bundled(path: str) -> str:
 def validate(cfg: PipelineConfig) -> dict[str, Any]:
     """Every selected step's typed config, wired (a typo or a broken rule fails now, before hours
     of training; the error names the step's section)."""
-    wired = wire(cfg)
-    return {step: getattr(wired, step) for step in cfg.steps}
+    return selected_steps(wire(cfg))
+
+
+def selected_steps(cfg: PipelineConfig) -> dict[str, Any]:
+    """``{step: its config}`` of the steps ``cfg`` runs, in pipeline order."""
+    return {step: getattr(cfg, step) for step in cfg.steps}
 
 
 def _call(step: str, fn: Callable[..., Any], step_cfg: Any, parent_run_id: str | None) -> Any:
@@ -200,8 +204,9 @@ def run_pipeline(cfg: PipelineConfig, log: Callable[[str], None] | None = None) 
     import_mlflow()  # its logger is configured at import: before the capture reroutes it
 
     out = Path(cfg.out).resolve()
-    typed = validate(cfg)
-    write_run_config(wire(cfg), out)
+    wired = wire(cfg)  # typed and checked here (as validate does): a typo fails before hours of training
+    write_run_config(wired, out)
+    typed = selected_steps(wired)
     with capture_logs(out) as logs:
         (log or say)(f"sepit pipeline ({cfg.preset}): {len(cfg.steps)} steps -> {out}  (Ray/DeepSpeed/MLflow logs: {logs})")
         return _run_steps(cfg, typed, out, log or say)

@@ -1,8 +1,8 @@
 """The one registry of sepit's steps: name -> where its config class and run function live.
 
-``sepit.cli`` (commands), ``sepit.pipeline`` (the steps it chains, and the typed recipe of
-each) and the stage commands (their config class) all read it.  Modules are imported only when a step is used, so
-``sepit --help`` and the commands that do not train never import torch.
+``sepit.cli`` (commands), ``sepit.pipeline`` (the steps it chains, and the typed recipe of each)
+and the stage commands (their config class) all read it.  Modules are imported only when a step
+is used, so ``sepit --help`` and the commands that do not train never import torch.
 """
 
 from __future__ import annotations
@@ -50,4 +50,3 @@ STEPS: dict[str, Step] = {
 }
 #: The steps ``sepit pipeline`` chains, in order.
 PIPELINE_STEPS = ("preprocess", "dataset", "stage0", "stage1", "stage2", "evaluate")
-

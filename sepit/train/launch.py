@@ -149,6 +149,7 @@ def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tr
     resources = {"CPU": cfg.cpus_per_worker}
     if device == "cuda":
         resources["GPU"] = 1
+    handled = ray_datasets(datasets)
     return TorchTrainer(
         train_worker,
         train_loop_config={"task": task, "train": _worker_config(cfg), "mlflow": tracking, "val_rows": counts.get("val", 0),
@@ -163,8 +164,8 @@ def _trainer(task: TrainTask, cfg: TrainConfig, datasets: dict, counts: dict, tr
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env=train_worker_runtime_env(),
         ),
-        datasets=ray_datasets(datasets),
-        dataset_config=data_config(ray_datasets(datasets)),
+        datasets=handled,
+        dataset_config=data_config(handled),
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from sepit.errors import SepitError
 from sepit.models.tokenizer import IGNORE_INDEX
 
-from .stage0 import esm_alphabet, proteins_of
+from .stage0 import proteins_of
 from .task import TrainTask, unwrap
 
 

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from sepit.config.base import check_range, to_dict
+from sepit.config.base import check_range
 from sepit.models.clip import CLIPConfig
 
 from .config import TrainConfig

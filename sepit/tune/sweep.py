@@ -110,18 +110,16 @@ def _release_after_sweep(timeout_s: float = 30.0) -> None:
 
 
 def _wait_for_trial_processes(rows: list[dict[str, Any]], out: Path, timeout_s: float = 60.0) -> None:
-    """Wait (bounded) until the Tune actors that ran unfinished trials are dead.
+    """Wait (bounded) until the Tune actors that ran unfinished trials are gone.
 
     ``Tuner.fit()`` can return while a stopped trial's process is still unwinding; that process
     may still write its ``trial.json`` and end the stage's MLflow run as FAILED when its Ray Train
     run is torn down, which would land after (and overwrite) what the driver settles next."""
     import time
 
-    from ray._private.state import actors
+    import ray
 
     from .trial import read_trial_file
-
-    import ray
 
     deadline = time.monotonic() + timeout_s
     here = ray.get_runtime_context().get_node_id()
@@ -131,20 +129,24 @@ def _wait_for_trial_processes(rows: list[dict[str, Any]], out: Path, timeout_s: 
         actor_id = (read_trial_file(out / "trials" / str(row["trial_id"])) or {}).get("actor_id")
         if not actor_id:
             continue
-        while (actors(actor_id=actor_id) or {}).get("State", "DEAD") != "DEAD":
-            if time.monotonic() > deadline:
-                break
+        while not _trial_process_gone(actor_id, here) and time.monotonic() <= deadline:
             time.sleep(0.2)
-        # Ray reports the actor DEAD once its worker disconnects; the process can still be
-        # exiting (and its stage thread closing the MLflow run) for a moment.  On this node,
-        # wait for the process itself.
-        info = actors(actor_id=actor_id) or {}
-        pid, node = info.get("Pid"), (info.get("Address") or {}).get("NodeID")
-        while pid and node == here and _process_alive(pid) and time.monotonic() <= deadline:
-            time.sleep(0.2)
-        if time.monotonic() > deadline:
+        if not _trial_process_gone(actor_id, here):
             warnings.warn(f"trial {row['trial_id']}: its process was still alive {timeout_s:.0f} s after the "
                           "sweep ended; its files and MLflow run status may still change", stacklevel=2)
+
+
+def _trial_process_gone(actor_id: str, node_id: str) -> bool:
+    """Ray reports the trial's actor DEAD, and, when it ran on this node (``node_id``), its process
+    has exited too: Ray marks an actor DEAD once its worker disconnects, while the process may
+    still be exiting (and its stage thread closing the MLflow run) for a moment."""
+    from ray._private.state import actors
+
+    info = actors(actor_id=actor_id) or {}
+    if info.get("State", "DEAD") != "DEAD":
+        return False
+    pid, node = info.get("Pid"), (info.get("Address") or {}).get("NodeID")
+    return not (pid and node == node_id and _process_alive(pid))
 
 
 def _process_alive(pid: int) -> bool:
