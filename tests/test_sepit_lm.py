@@ -127,6 +127,38 @@ def test_structure_dropout_only_in_training(model, processor):
     torch.testing.assert_close(kept[1], reference[1])  # row 1 is sequence-only anyway
 
 
+def test_residue_dropout_removes_residues_in_training_only(model, processor):
+    from sepit.models.sepit_lm import drop_residues
+
+    # the packing itself: <cls>/<eos> kept, survivors in order at the front, lengths shrink
+    x = torch.arange(3 * 40, dtype=torch.float32).view(3, 40, 1)
+    lengths = torch.tensor([40, 12, 3])
+    torch.manual_seed(0)
+    packed, new = drop_residues(x, lengths, 0.5)
+    for p in range(3):
+        n, m = int(lengths[p]), int(new[p])
+        kept = packed[p, :m, 0]
+        assert kept[0] == x[p, 0, 0] and kept[-1] == x[p, n - 1, 0]  # <cls> ... <eos>
+        assert bool((kept[1:] > kept[:-1]).all())  # order kept, nothing duplicated
+        assert 3 <= m <= n  # at least one residue survives
+    assert 10 <= int(new[0]) - 2 <= 28  # ~half of 38 residues
+    assert int(new[2]) == 3  # a one-residue protein keeps its residue
+    # in the model: training drops, eval and generation do not
+    ids, mask, labels, prot, _ = _batch(model, processor)
+    m = copy.deepcopy(model)
+    m.config.residue_dropout = 0.9
+    with torch.no_grad():
+        m.eval()
+        full, n_full = m.encode_proteins(prot)
+        m.train()
+        dropped, n_dropped = m.encode_proteins(prot)
+        also_full, n_also = m.encode_proteins(prot, structure_dropout=False)
+    assert bool((n_dropped < n_full).any()) and bool((n_dropped >= 3).all())
+    assert torch.equal(n_also, n_full)
+    with pytest.raises(Exception, match="residue_dropout"):
+        SepitConfig(residue_dropout=1.0)
+
+
 def test_tiny_model_overfits_one_batch(model, processor):
     torch.manual_seed(0)
     m = copy.deepcopy(model).train()

@@ -58,6 +58,11 @@ class SepitConfig:
     """Protein→LLM projector."""
     structure_dropout: float = 0.15
     """Probability that a training protein loses its coordinates (sequence-only)."""
+    residue_dropout: float = 0.0
+    """Training only: the share of each protein's projected residue vectors removed before they
+    are spliced into the prompt (``<cls>``/``<eos>`` always kept; order kept).  Against
+    memorising proteins by their exact residue string: the LLM must answer from what survives any
+    subset (composition, motifs), which transfers across the homology split.  0 = off."""
     max_residues: int = 1022
     """Longest protein the processor accepts for inference; longer ones are an error unless truncate=True."""
     crop_residues: int | None = None
@@ -76,6 +81,7 @@ class SepitConfig:
 
     def __post_init__(self) -> None:
         check_range(self.structure_dropout, "structure_dropout", lo=0.0, hi=1.0)
+        check_range(self.residue_dropout, "residue_dropout", lo=0.0, hi=0.95)
         check_range(self.max_residues, "max_residues", lo=1)
 
     @classmethod
@@ -166,7 +172,10 @@ class SepitForConditionalGeneration(nn.Module):
 
     def encode_proteins(self, protein: ProteinBatch, structure_dropout: bool | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (projected [P, Lp, D_llm], real token counts [P]) for a protein batch."""
+        """-> (projected [P, Lp, D_llm], real token counts [P]) for a protein batch.
+
+        ``structure_dropout`` (default: ``self.training``) switches the training-time drops on:
+        coordinates (``config.structure_dropout``) and residue vectors (``config.residue_dropout``)."""
         drop = self.training if structure_dropout is None else structure_dropout
         if drop and self.config.structure_dropout > 0:
             lost = torch.rand(len(protein), device=protein.tokens.device) < self.config.structure_dropout
@@ -178,7 +187,10 @@ class SepitForConditionalGeneration(nn.Module):
                                return_hidden_states=True)
         hidden = enc.hidden_states[-2]  # [P, Lp, Dp], second-to-last layer (docs/method.md §3)
         projected = self.projector(hidden.to(self.projector.fc1.weight.dtype))
-        return projected, protein.attention_mask.sum(1)
+        lengths = protein.attention_mask.sum(1)
+        if drop and self.config.residue_dropout > 0:
+            projected, lengths = drop_residues(projected, lengths, self.config.residue_dropout)
+        return projected, lengths
 
     def splice(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, protein: ProteinBatch,
                labels: torch.Tensor | None = None, protein_index: torch.Tensor | None = None,
@@ -370,6 +382,24 @@ class SepitForConditionalGeneration(nn.Module):
             model.llm.to(dtype)
             model.projector.to(dtype)
         return model.to(map_location)
+
+
+def drop_residues(projected: torch.Tensor, lengths: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove a random share ``p`` of each protein's residue vectors (positions 1 … n-2; the
+    ``<cls>`` at 0 and ``<eos>`` at n-1 stay) and pack the survivors, in order, at the front.
+    projected [P, Lp, D], lengths [P] -> (same shape, new lengths); at least one residue survives."""
+    P, Lp, _ = projected.shape
+    pos = torch.arange(Lp, device=projected.device).expand(P, Lp)
+    n = lengths.to(projected.device).unsqueeze(1)
+    residue = (pos >= 1) & (pos < n - 1)
+    keep = (torch.rand(P, Lp, device=projected.device) >= p) | ~residue
+    keep &= pos < n
+    # a protein whose residues were all dropped keeps its first one
+    none_left = ~(keep & residue).any(1) & residue.any(1)
+    keep[none_left, 1] = True
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, in order
+    packed = torch.gather(projected, 1, order.unsqueeze(-1).expand_as(projected))
+    return packed, keep.sum(1).to(lengths.dtype)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
