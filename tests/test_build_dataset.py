@@ -92,6 +92,73 @@ def test_yes_no_balanced_and_multiple_choice_letters_valid(built):
     assert len(imported) == 3  # the QA set's own multiple-choice records, kept with their options
 
 
+def _question_majority(examples) -> float:
+    """Share of yes/no answers the majority answer of the same question gets right (in sample)."""
+    per_q: dict = defaultdict(Counter)
+    for e in examples:
+        per_q[e.question][e.answer] += 1
+    return sum(max(c.values()) for c in per_q.values()) / sum(sum(c.values()) for c in per_q.values())
+
+
+def test_the_wording_of_a_yes_no_question_does_not_give_its_answer_away():
+    """On every bundled annotation: negatives drawn by label frequency (as positives are) leave the
+    question's own majority answer near a coin toss; drawn uniformly over distinct labels, rare
+    labels ("Cytoplasm, P-body") were nearly always "No" and the wording alone answered most."""
+    from sepit.data.annotations import ProteinAnnotation
+    from sepit.data.examples import label_pools
+    from sepit.data.questions import yes_no_examples
+
+    anns = [r for path in default_annotation_files() for r in read_annotations(path)
+            if isinstance(r, ProteinAnnotation) and r.labels("location")]
+    pool = label_pools(anns, ["location"])["location"]
+    assert len(anns) > 2000 and len(pool) > 20
+
+    def examples(p):
+        return [e for i, a in enumerate(anns) for e in yes_no_examples(a.labels("location"), p, "location", 1, 0, f"p{i}")]
+
+    by_frequency, uniform = examples(pool), examples(list(pool))
+    assert Counter(e.answer for e in by_frequency)["Yes"] == len(by_frequency) // 2  # still balanced
+    assert _question_majority(uniform) > 0.75
+    assert _question_majority(by_frequency) < 0.6
+
+
+def test_negatives_are_drawn_by_label_frequency():
+    import random
+
+    from sepit.data.questions import sample_negatives, yes_no_examples
+
+    pool = {"Nucleus": 90, "Cytoplasm, P-body": 10}
+    draws = Counter(sample_negatives(random.Random(i), list(pool), pool, 1)[0] for i in range(2000))
+    assert 0.86 < draws["Nucleus"] / 2000 < 0.94
+    # distinct labels, k of them, never more than there are
+    assert sorted(sample_negatives(random.Random(0), list(pool), pool, 5)) == sorted(pool)
+    # a plain label list keeps the uniform draw
+    draws = Counter(sample_negatives(random.Random(i), ["a", "b"], ["a", "b"], 1)[0] for i in range(2000))
+    assert 0.45 < draws["a"] / 2000 < 0.55
+    # yes/no pairs stay balanced and never ask about the protein's own or a related label
+    ex = yes_no_examples(["Cell membrane"], {"Cell membrane": 50, "Membrane": 40, "Nucleus": 5}, "location", 1, 0, "P1")
+    assert [e.answer for e in ex] == ["Yes", "No"] and '"Nucleus"' in ex[1].question
+
+
+def test_stage1_open_puts_the_open_questions_into_stage_1_too():
+    """The curriculum option: stage 1 = captions + the protein's open questions; stage 2 unchanged."""
+    from sepit.data.annotations import ProteinAnnotation
+    from sepit.data.examples import annotation_examples, label_pools
+
+    anns = [r for r in read_annotations(DATA_DIR / "biopython_testdata" / "swissprot" / "P04439.txt.gz")
+            if isinstance(r, ProteinAnnotation)]
+    ann = anns[0]
+    pools = label_pools(anns, ["location"])
+    args = (ann, "P04439", pools, 0, ["function", "location", "family"], ["location"], 1, 1, 4)
+    plain, curriculum = annotation_examples(*args), annotation_examples(*args, open_in_stage1=True)
+    by_stage = lambda xs, st: [(e.question, e.answer) for stage, e in xs if stage == st]
+    opened = [(e.question, e.answer) for stage, e in plain if stage == 2 and e.task == "open"]
+    assert opened
+    assert by_stage(curriculum, 2) == by_stage(plain, 2)
+    assert by_stage(curriculum, 1) == by_stage(plain, 1) + opened
+    assert BuildConfig(stage1_open=True).stage1_open and not BuildConfig().stage1_open
+
+
 def test_no_protein_in_two_splits_and_no_cross_split_leak(built):
     _out, card, rows = built
     splits: dict = defaultdict(set)

@@ -79,6 +79,10 @@ class BuildConfig:
     """Multiple-choice questions per protein and closed-set category."""
     mc_choices: int = 4
     """Options per multiple-choice question (one correct)."""
+    stage1_open: bool = False
+    """Also put every protein's open questions (location, function, family, ...) into stage 1,
+    next to its caption: a curriculum in which stage 1 learns to read the protein on direct
+    questions before stage 2 adds the closed-set ones (the same rows stay in stage 2)."""
     max_residues: int = 1022
     """ESM-2's limit; longer proteins are truncated (sequence and coordinates together) or skipped."""
     long_sequences: str = "truncate"
@@ -156,7 +160,8 @@ def _generate(records, index: StoreIndex, cfg: BuildConfig, ledger: InputLedger)
         key = (rec.source_file, rec.record)
         if isinstance(rec, ProteinAnnotation):
             texts = annotation_examples(rec, entry.key, pools, cfg.seed, cfg.open_categories, cfg.closed_categories,
-                                        cfg.yes_no_pairs, cfg.mc_questions, cfg.mc_choices)
+                                        cfg.yes_no_pairs, cfg.mc_questions, cfg.mc_choices,
+                                        open_in_stage1=cfg.stage1_open)
             if not texts:
                 ledger.skip(key, "generate", "no usable annotation (no function text and no category labels)")
         else:

@@ -9,6 +9,7 @@ that a protein id always means one sequence (identity clustering still puts them
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -87,20 +88,29 @@ def resolve_protein(
     return ProteinEntry(key, rec.accession, seq, coords, mask, joined.store_id, truncated_from)
 
 
-def label_pools(annotations: Sequence[ProteinAnnotation], categories: Sequence[str]) -> dict[str, list[str]]:
-    """Per category, every label any protein carries (sorted, so the pool is order-independent)."""
-    return {c: sorted({label for a in annotations for label in a.labels(c)}) for c in categories}
+def label_pools(annotations: Sequence[ProteinAnnotation], categories: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per category, every label any annotation carries and how many carry it (sorted by label,
+    so the pool is order-independent): negatives and distractors are drawn by these counts."""
+    pools: dict[str, dict[str, int]] = {}
+    for c in categories:
+        counts = Counter(label for a in annotations for label in set(a.labels(c)))
+        pools[c] = dict(sorted(counts.items()))
+    return pools
 
 
 def annotation_examples(
-    ann: ProteinAnnotation, protein_key: str, pools: dict[str, list[str]], seed: int,
+    ann: ProteinAnnotation, protein_key: str, pools: dict[str, dict[str, int]], seed: int,
     open_categories: Sequence[str], closed_categories: Sequence[str],
-    yes_no_pairs: int, mc_questions: int, mc_choices: int,
+    yes_no_pairs: int, mc_questions: int, mc_choices: int, open_in_stage1: bool = False,
 ) -> list[tuple[int, ExampleText]]:
-    """Stage 0/1 captions and stage 2 open and closed-set questions of one annotation."""
+    """Stage 0/1 captions and stage 2 open and closed-set questions of one annotation (with
+    ``open_in_stage1``, the open questions also in stage 1)."""
     key = f"{protein_key}|{ann.source}"
     out = [(stage, ex) for stage, ex in caption_examples(ann, seed, key).items()]
-    out += [(2, ex) for ex in open_examples(ann, seed, key, open_categories)]
+    open_ = open_examples(ann, seed, key, open_categories)
+    out += [(2, ex) for ex in open_]
+    if open_in_stage1:
+        out += [(1, ex) for ex in open_]
     for category in closed_categories:
         own = ann.labels(category)
         pool = pools.get(category, [])

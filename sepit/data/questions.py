@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 from sepit.data.annotations import ProteinAnnotation
 
@@ -151,7 +151,12 @@ def open_examples(ann: ProteinAnnotation, seed: int, key: str, categories: Seque
 
 
 # --------------------------------------------------------------------------- closed set
-def negative_candidates(own: Sequence[str], pool: Sequence[str]) -> list[str]:
+LabelPool = Union[Sequence[str], Mapping[str, int]]
+"""A category's labels: ``{label: proteins carrying it}`` (negatives drawn by frequency) or a
+plain sequence of labels (each equally likely)."""
+
+
+def negative_candidates(own: Sequence[str], pool: LabelPool) -> list[str]:
     """Labels other proteins carry in this category, minus this protein's and related ones.
 
     Labels that contain each other ("Membrane" / "Cell membrane") are not safe negatives: the
@@ -164,12 +169,27 @@ def negative_candidates(own: Sequence[str], pool: Sequence[str]) -> list[str]:
             if not any(label.lower() in o or o in label.lower() for o in own_l)]
 
 
+def sample_negatives(rng: random.Random, negatives: Sequence[str], pool: LabelPool, k: int) -> list[str]:
+    """``k`` distinct labels of ``negatives`` drawn without replacement, each with probability in
+    proportion to its weight in ``pool`` (1 for a plain sequence): weighted reservoir keys
+    ``u ** (1 / w)`` (Efraimidis & Spirakis), the ``k`` largest in draw order."""
+    weights = pool if isinstance(pool, Mapping) else {}
+    keyed = [(rng.random() ** (1.0 / max(int(weights.get(label, 1)), 1)), label) for label in negatives]
+    keyed.sort(key=lambda kv: -kv[0])
+    return [label for _, label in keyed[:k]]
+
+
 def yes_no_examples(
-    own: Sequence[str], pool: Sequence[str], category: str, n_pairs: int, seed: int, key: str
+    own: Sequence[str], pool: LabelPool, category: str, n_pairs: int, seed: int, key: str
 ) -> list[ExampleText]:
     """``n_pairs`` (Yes, No) pairs: own labels vs labels drawn from other proteins' labels.
 
-    Exactly balanced: a pair is emitted only when both a positive and a negative exist.
+    Exactly balanced: a pair is emitted only when both a positive and a negative exist.  With
+    label counts as the pool, a negative is drawn as often as its label is carried, just as a
+    positive is; so every label is asked about about as often with "No" as with "Yes", and the
+    wording of a question does not give its answer away (drawn uniformly over distinct labels,
+    rare labels such as "Cytoplasm, P-body" were almost only ever negatives: the majority class
+    of the question alone answered 78% of the yes/no questions).
     """
     if not own or n_pairs <= 0:
         return []
@@ -178,7 +198,7 @@ def yes_no_examples(
         return []
     rng = rng_for(seed, key, "yes_no", category)
     positives = rng.sample(list(own), min(n_pairs, len(own)))
-    chosen_neg = rng.sample(negatives, min(len(positives), len(negatives)))
+    chosen_neg = sample_negatives(rng, negatives, pool, min(len(positives), len(negatives)))
     template = YES_NO_TEMPLATES[category]
     out = []
     for pos, neg in zip(positives, chosen_neg):
@@ -188,10 +208,12 @@ def yes_no_examples(
 
 
 def multiple_choice_examples(
-    own: Sequence[str], pool: Sequence[str], category: str, n_questions: int, n_choices: int,
+    own: Sequence[str], pool: LabelPool, category: str, n_questions: int, n_choices: int,
     seed: int, key: str,
 ) -> list[ExampleText]:
-    """``n_questions`` questions, each with one own label and ``n_choices - 1`` distractors."""
+    """``n_questions`` questions, each with one own label and ``n_choices - 1`` distractors
+    (drawn by label frequency with label counts as the pool, as for yes/no: otherwise the
+    commonest label among the options is nearly always the answer)."""
     if not own or n_questions <= 0:
         return []
     negatives = negative_candidates(own, pool)
@@ -200,7 +222,7 @@ def multiple_choice_examples(
     rng = rng_for(seed, key, "mc", category)
     out = []
     for correct_label in rng.sample(list(own), min(n_questions, len(own))):
-        options = rng.sample(negatives, n_choices - 1) + [correct_label]
+        options = sample_negatives(rng, negatives, pool, n_choices - 1) + [correct_label]
         rng.shuffle(options)
         out.append(format_multiple_choice(MC_TEMPLATES[category], options, options.index(correct_label), category))
     return out
