@@ -187,6 +187,12 @@ def _summary_line(step: str, result: Any) -> str:
             parts.append(f"loss {m['first_loss']:.4g} -> {m['loss']:.4g}" if "first_loss" in m else f"loss {m['loss']:.4g}")
         if "val_loss" in m:
             parts.append(f"val_loss {m['val_loss']:.4g}")
+        if "val_closed_acc" in m:
+            parts.append(f"val closed-set acc (first token) {m['val_closed_acc']:.1f}%")
+        selected = [k for k in m if k.startswith("selected_val_")]
+        if "selected_step" in m and selected:
+            parts.append(f"exported step {int(m['selected_step'])} (best {selected[0][len('selected_'):]} "
+                         f"{m[selected[0]]:.4g})")
         parts.append(f"model -> {result.get('model_dir')}")
         return ", ".join(parts)
     return ""

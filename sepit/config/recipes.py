@@ -90,6 +90,11 @@ def _train_defaults(name: str, stage: int) -> dict[str, Any]:
     base["lr"] = lrs[stage][name]
     if stage == 2 and name != "paper":
         base["zero_stage"] = 2  # DeepSpeed MoE's usual setting (ZeRO-3 is refused for MoE)
+    if stage == 2:
+        # Export the validation point whose closed-set answers are best, not the last step: on
+        # held-out proteins this accuracy peaks and then falls as a model starts to memorise
+        # training proteins (README, results; evals/recipe_probe.py).
+        base["select_best"] = "val_closed_acc"
     base["run_name"] = f"stage{stage}"
     return base
 

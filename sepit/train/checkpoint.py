@@ -9,7 +9,10 @@ holds, merged from all ranks by Ray Train:
                              position), counters, world size, ZeRO stage;
 * ``rng_rank{r}.pt``         (every rank) Python / NumPy / torch (CPU and CUDA) RNG states, so
                              dropout and structure dropout continue exactly;
-* ``export/``                (final checkpoint only, rank 0) the exported model folder.
+* ``best_rank0.pt``          (rank 0, with ``train.select_best``) the module weights of the
+                             best validation point so far;
+* ``export/``                (final checkpoint only, rank 0) the exported model folder (with
+                             ``train.select_best``: of the best validation point).
 
 Resume happens only at optimizer-step boundaries, so DeepSpeed's micro-step counter (not saved)
 restarts aligned with gradient accumulation.
@@ -58,6 +61,10 @@ class TrainerState:
     world_size: int = 1
     zero_stage: int = 0
     best_val_loss: float | None = None
+    best_metric: float | None = None
+    """Best value so far of ``train.select_best`` (None when it is not set)."""
+    best_step: int | None = None
+    """Step of that value: its weights are ``best_rank<r>.pt`` in the checkpoint."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,12 +86,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainerState, rank: int) -> None:
+def best_weights_file(ckpt_dir: Path, rank: int) -> Path:
+    return Path(ckpt_dir) / f"best_rank{rank}.pt"
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path, state: TrainerState, rank: int,
+                    best_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Every rank calls this (DeepSpeed's save is collective) into its own local folder."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(ckpt_dir / DS_SUBDIR), tag=DS_TAG)
     torch.save(rng_state(), ckpt_dir / f"rng_rank{rank}.pt")
+    if best_weights is not None:
+        torch.save(best_weights, best_weights_file(ckpt_dir, rank))
     if rank == 0:
         (ckpt_dir / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
 

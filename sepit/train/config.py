@@ -93,6 +93,11 @@ class TrainConfig:
     """Also validate the untrained model (logged at step 0) so the curve shows where it started."""
     eval_max_batches: int = 0
     """Cap on validation micro-batches per worker (0 = the whole validation shard)."""
+    select_best: Optional[str] = None
+    """Export the model of the validation point with the best value of this validation metric
+    (e.g. ``val_closed_acc``: higher is better; a name ending in ``loss`` is lower-is-better)
+    instead of the last step's; None = the last step.  Rank 0 (the rank that exports) keeps those
+    weights in memory and in every checkpoint (``best_rank0.pt``), so a resumed run still has them."""
     checkpoint_every: int = 50
     """Save a checkpoint every N optimizer steps (and at the end)."""
     keep_checkpoints: int = 2
@@ -134,6 +139,9 @@ class TrainConfig:
         check_range(self.eval_max_batches, "train.eval_max_batches", lo=0)
         check_range(self.checkpoint_every, "train.checkpoint_every", lo=1)
         check_range(self.keep_checkpoints, "train.keep_checkpoints", lo=1)
+        if self.select_best is not None:
+            if not self.select_best.startswith("val_"):
+                raise ConfigError(f"train.select_best={self.select_best!r} must name a validation metric (val_...)")
         check_range(self.max_failures, "train.max_failures", lo=-1)
         check_range(self.log_every, "train.log_every", lo=1)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

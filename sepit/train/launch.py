@@ -242,6 +242,11 @@ def run_training(
     """
     from sepit.console import capture_logs
 
+    if cfg.select_best and cfg.zero_stage == 3:
+        # (stage 2 never gets here with ZeRO-3: its config refuses ZeRO-3 for MoE first)
+        raise ConfigError(f"train.select_best={cfg.select_best!r} needs train.zero_stage <= 2: under ZeRO-3 "
+                          f"no rank holds the whole weights it would keep")
+
     out = cfg.out_path
     out.mkdir(parents=True, exist_ok=True)
     with capture_logs(out):

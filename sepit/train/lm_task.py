@@ -35,6 +35,26 @@ def llm_processor(path: str, alphabet: str):
 
 
 LOSS_PER = ("token", "example")
+CLOSED_TASKS = ("yes_no", "multiple_choice")
+
+
+def closed_set_choice(logits: torch.Tensor, labels: torch.Tensor, closed: list[tuple]) -> dict[str, list[float]]:
+    """Closed-set answers read from a teacher-forced forward: for each ``(row, task, first_ids,
+    gold)`` the option whose *first* answer token the model rates highest at the answer's first
+    position ("Yes" vs "No"; the letters "A", "B", ... of multiple choice).  logits [B, T, V],
+    labels [B, T] as the forward returns them.  -> {task: [correct (0/1) per row]}.
+
+    This is the cheap proxy of ``sepit.evaluation.likelihood`` (which scores every option's whole
+    text, one forward each) that a validation pass gets for free; the evaluation reports the
+    real thing."""
+    out: dict[str, list[float]] = {t: [] for t in CLOSED_TASKS}
+    for b, task, first_ids, gold in closed:
+        answer_pos = (labels[b] != IGNORE_INDEX).nonzero().flatten()
+        if answer_pos.numel() == 0 or int(answer_pos[0]) == 0:
+            continue
+        scores = logits[b, int(answer_pos[0]) - 1, list(first_ids)].float()
+        out[task].append(float(int(scores.argmax()) == gold))
+    return out
 
 
 def example_mean_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,10 +116,82 @@ class InstructionTask(TrainTask):
     def collate(self, rows, *, train):
         batch = self.processor.collate_training([self.encode(r) for r in rows], proteins_of(rows), self.max_residues)
         n_tok = int(batch["attention_mask"].sum()) + int(batch["protein"].lengths.sum())
-        return {**batch, "num_tokens": n_tok, "num_examples": len(rows)}
+        out = {**batch, "num_tokens": n_tok, "num_examples": len(rows)}
+        if not train:
+            out["closed"] = [(b, *c) for b, r in enumerate(rows) if (c := self.closed_options(r)) is not None]
+        return out
+
+    def closed_options(self, row: dict[str, Any]) -> tuple[str, list[int], int] | None:
+        """``(task, first answer token of each option, gold option index)`` of a closed-set row
+        (options exactly as the evaluation scores them), None for open rows, rows without a gold
+        option and options that share their first token."""
+        if row.get("task") not in CLOSED_TASKS:
+            return None
+        from sepit.evaluation.answer_parsing import gold_letter, normalize_yes_no
+        from sepit.evaluation.likelihood import closed_set_options, option_index
+
+        task = row["task"]
+        options = closed_set_options(task, row.get("choices"))
+        if not options:
+            return None
+        gold = (normalize_yes_no(row["answer"]) if task == "yes_no"
+                else gold_letter(row["answer"], row.get("choices"), row.get("answer_letter")))
+        g = option_index(task, options, gold)
+        if g is None:
+            return None
+        firsts = []
+        for option in options:
+            labels = self.processor.encode_example(row["question"], option)["labels"]
+            firsts.append(next(x for x in labels if x != IGNORE_INDEX))
+        return (task, firsts, g) if len(set(firsts)) == len(firsts) else None
 
     # ------------------------------------------------------------------ loss
     def forward_loss(self, model, batch):
+        return self._loss(model, batch)[:2]
+
+    def evaluate(self, model, batches):
+        """Validation loss (as the base class) plus, for closed-set rows, the accuracy of the
+        option chosen by its first answer token (:func:`closed_set_choice`):
+        ``val_closed_acc`` over yes/no and multiple choice, ``val_<task>_acc`` and ``val_<task>_n``
+        per task, summed over ranks."""
+        import torch.distributed as dist
+
+        sums: dict[str, float] = {}
+        n = 0.0
+        closed = {t: [0.0, 0.0] for t in CLOSED_TASKS}  # correct, rows
+        for batch in batches:
+            loss, parts, out = self._loss(model, batch)
+            k = float(batch["num_examples"])
+            for name, v in {"loss": float(loss.detach()), **parts}.items():
+                sums[name] = sums.get(name, 0.0) + float(v) * k
+            n += k
+            for task, hits in closed_set_choice(out.logits, out.labels, batch.get("closed") or []).items():
+                closed[task][0] += sum(hits)
+                closed[task][1] += len(hits)
+        keys = sorted(sums)  # the same on every rank: each runs the same number of batches
+        flat = [sums.get(k, 0.0) for k in keys] + [x for t in CLOSED_TASKS for x in closed[t]] + [n]
+        t = torch.tensor(flat, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            t = t.to(next(unwrap(model).parameters()).device)  # NCCL reduces CUDA tensors only
+            dist.all_reduce(t)
+            t = t.cpu()
+        total = float(t[-1])
+        if total == 0:
+            return {}
+        metrics = {f"val_{k}": float(v) / total for k, v in zip(keys, t[:len(keys)].tolist())}
+        counts = t[len(keys):-1].tolist()
+        hits = rows = 0.0
+        for i, task in enumerate(CLOSED_TASKS):
+            c, r = counts[2 * i], counts[2 * i + 1]
+            if r:
+                metrics[f"val_{task}_acc"] = 100.0 * c / r
+                metrics[f"val_{task}_n"] = r
+            hits, rows = hits + c, rows + r
+        if rows:
+            metrics["val_closed_acc"] = 100.0 * hits / rows
+        return metrics
+
+    def _loss(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     protein=batch["protein"], labels=batch["labels"])
         loss = out.loss
@@ -116,7 +208,7 @@ class InstructionTask(TrainTask):
                 for layer, counts in module.moe_stats().items():
                     c = torch.tensor(counts, dtype=torch.float64)
                     self._expert_counts[layer] = self._expert_counts.get(layer, 0) + c
-        return loss, parts
+        return loss, parts, out
 
     def step_metrics(self, model) -> dict[str, float]:
         """Tokens routed to each expert per MoE layer in this optimizer step, summed over ranks

@@ -24,7 +24,7 @@ import torch
 
 from sepit.errors import SepitError
 
-from .checkpoint import (EXPORT_SUBDIR, TrainerState, has_export, load_checkpoint, rng_state,
+from .checkpoint import (EXPORT_SUBDIR, TrainerState, best_weights_file, has_export, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .data import EpochFeeder, ValidationRows, worker_shard
@@ -122,6 +122,18 @@ def _export(engine: Any, task: TrainTask, out_dir: Path, rank: int, zero_stage: 
         task.export(module, out_dir)
 
 
+def _improves(metric: str, value: float, best: float | None) -> bool:
+    """Is ``value`` of validation ``metric`` better than ``best`` (names ending in "loss": lower)?"""
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best
+
+
+def _module_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """A CPU copy of this rank's module weights (what the export would write from them)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+
+
 def _group_lrs(optimizer: Any) -> dict[str, float]:
     out: dict[str, float] = {}
     for i, g in enumerate(optimizer.param_groups):
@@ -192,11 +204,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     state = TrainerState(world_size=world, zero_stage=cfg.zero_stage)
     exported_already = False
+    # train.select_best: the best validation point's module weights, kept by rank 0 only (the rank
+    # that exports; ZeRO <= 2 leaves it the whole model)
+    best_weights: dict[str, torch.Tensor] | None = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(engine, Path(d), rank, world, cfg.zero_stage)
             exported_already = has_export(Path(d))
+            if cfg.select_best and rank == 0 and best_weights_file(Path(d), rank).is_file():
+                best_weights = torch.load(best_weights_file(Path(d), rank), map_location="cpu")
     else:
         seed_all(cfg.seed + _RANK_SEED_OFFSET * (rank + 1))  # different dropout per rank
     _write_worker_marker(cfg, rank, state.step if ckpt is not None else None)
@@ -230,8 +247,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def checkpoint(metrics: dict[str, float], final: bool, name: str) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"sepit-ckpt-r{rank}-"))
         try:
-            save_checkpoint(engine, tmp, state, rank)
+            save_checkpoint(engine, tmp, state, rank, best_weights)
             if final:
+                if best_weights is not None and state.best_step != state.step:
+                    # train.select_best: rank 0 exports the best validation point's weights (the
+                    # checkpoint's DeepSpeed state above stays the last step's, for resuming)
+                    engine.module.load_state_dict(best_weights)
+                    print(f"[{task.stage}] exporting the step-{state.best_step} model: best "
+                          f"{cfg.select_best} {state.best_metric:.4g} (last step {state.step})", flush=True)
                 if cfg.zero_stage < 3:  # ZeRO-3 params are partitioned placeholders; leave them
                     restore_scalar_parameters(scalars)  # the engine is not stepped again
                 _export(engine, task, tmp / EXPORT_SUBDIR, rank, cfg.zero_stage)
@@ -309,6 +332,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 best = state.best_val_loss
                 if "val_loss" in val and (best is None or val["val_loss"] < best):
                     state.best_val_loss = val["val_loss"]
+                if cfg.select_best:
+                    if cfg.select_best not in val:
+                        raise SepitError(f"train.select_best={cfg.select_best!r} is not a validation metric of "
+                                         f"{task.stage}; it reports {sorted(val)}")
+                    if _improves(cfg.select_best, val[cfg.select_best], state.best_metric):
+                        state.best_metric, state.best_step = float(val[cfg.select_best]), state.step
+                        if rank == 0:
+                            best_weights = _module_weights(engine)
+                    val["selected_step"] = float(state.best_step)
+                    val[f"selected_{cfg.select_best}"] = float(state.best_metric)
                 metrics.update(val)
                 if log is not None:
                     log.log(state.step, val, kind="val")

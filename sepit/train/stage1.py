@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from sepit.config.base import check_range
+from sepit.config.base import check_choice, check_range
 from sepit.models.sepit_lm import SepitConfig
 
 from .config import TrainConfig
 from .launch import run_training
 from .lineage import ParentRef, resolve_parent
-from .lm_task import InstructionTask
+from .lm_task import LOSS_PER, InstructionTask
 from .stage_common import StageDataConfig, add_stage_arguments, check_model_folder, run_cli
 
 ENCODER_MODEL_TYPE = "sepit_protein_encoder"
@@ -50,11 +50,15 @@ class Stage1JobConfig:
     """Freeze the protein encoder (docs/method.md trains it in stage 1)."""
     max_answer_tokens: int = 384
     """Answer LLM tokens kept per example (longer answers are cut; prompts are kept whole)."""
+    loss_per: str = "token"
+    """"token" (mean over every answer token of the batch) or "example" (each example's answer
+    tokens averaged first): as stage 2's, for a stage 1 that mixes one-line answers with captions."""
 
     def __post_init__(self) -> None:
         check_range(self.encoder_lr_ratio, "encoder_lr_ratio", lo=0)
         check_range(self.llm_lr_ratio, "llm_lr_ratio", lo=0)
         check_range(self.max_answer_tokens, "max_answer_tokens", lo=1)
+        check_choice(self.loss_per, "loss_per", LOSS_PER)
 
 
 def bundled_tokenizer_corpus() -> list[str]:
@@ -129,7 +133,8 @@ class Stage1Task(InstructionTask):
 
     def __init__(self, cfg: Stage1JobConfig, tokenizer_path: str):
         super().__init__(tokenizer_path=tokenizer_path, alphabet=cfg.model.encoder.alphabet,
-                         max_residues=cfg.train.max_residues, max_answer_tokens=cfg.max_answer_tokens)
+                         max_residues=cfg.train.max_residues, max_answer_tokens=cfg.max_answer_tokens,
+                         loss_per=cfg.loss_per)
         self.model_cfg = copy.deepcopy(cfg.model)
         self.model_cfg.tokenizer_path = tokenizer_path
         self.encoder_lr_ratio, self.llm_lr_ratio = cfg.encoder_lr_ratio, cfg.llm_lr_ratio

@@ -48,6 +48,9 @@ class Stage2JobConfig:
     """docs/method.md: the protein encoder is frozen in stage 2."""
     structure_dropout: Optional[float] = None
     """Override the stage-1 model's structure dropout (None keeps it, 0.15 by default)."""
+    residue_dropout: Optional[float] = None
+    """Override the stage-1 model's residue dropout (``SepitConfig.residue_dropout``: the share of
+    each training protein's residue vectors removed before splicing; None keeps it, 0 by default)."""
     max_answer_tokens: int = 384
     """Answer LLM tokens kept per example (longer answers are cut; prompts are kept whole)."""
     loss_per: str = "token"
@@ -66,11 +69,15 @@ class Stage2JobConfig:
         check_choice(self.loss_per, "loss_per", LOSS_PER)
         if self.structure_dropout is not None:
             check_range(self.structure_dropout, "structure_dropout", lo=0, hi=1)
+        if self.residue_dropout is not None:
+            check_range(self.residue_dropout, "residue_dropout", lo=0, hi=0.95)
 
 
 class Stage2Task(InstructionTask):
     stage = "stage2"
     uses_moe = True
+    # closed-set rows carry their options and gold letter: validation reports their accuracy
+    columns = [*InstructionTask.columns, "task", "choices", "answer_letter"]
 
     def __init__(self, cfg: Stage2JobConfig, init_dir: str, alphabet: str):
         super().__init__(tokenizer_path=str(Path(init_dir) / "tokenizer"), alphabet=alphabet,
@@ -81,6 +88,7 @@ class Stage2Task(InstructionTask):
         self.llm_lr_ratio = cfg.llm_lr_ratio
         self.freeze_encoder = cfg.freeze_encoder
         self.structure_dropout = cfg.structure_dropout
+        self.residue_dropout = cfg.residue_dropout
 
     def build_model(self):
         from sepit.models.moe import upcycle_to_moe
@@ -89,6 +97,8 @@ class Stage2Task(InstructionTask):
         model = SepitForConditionalGeneration.from_pretrained(self.init_dir)
         if self.structure_dropout is not None:
             model.config.structure_dropout = self.structure_dropout
+        if self.residue_dropout is not None:
+            model.config.residue_dropout = self.residue_dropout
         if self.freeze_encoder:
             model.freeze(encoder=True)
         upcycle_to_moe(model, self.moe, use_deepspeed=True)

@@ -80,8 +80,9 @@ def run_cli(args: argparse.Namespace, name: str, run_fn) -> int:
         print(f"sepit {name}: {exc}", file=sys.stderr)
         return 2
     metrics = result["metrics"]
-    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("loss", "first_loss", "val_loss", "first_val_loss")
-             or k.startswith("val_p2t") or k.startswith("val_t2p")}
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("loss", "first_loss", "val_loss", "first_val_loss",
+                                                                 "val_closed_acc", "selected_step")
+             or k.startswith(("val_p2t", "val_t2p", "selected_val_"))}
     print(f"sepit {name}: done, metrics {shown}")
     print(f"  model:  {result['model_dir']}")
     print(f"  MLflow: run {result['mlflow_run_id']} at {result['tracking_uri']}")

@@ -103,7 +103,9 @@ class TrainTask:
         keys = sorted(sums)
         t = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
+            t = t.to(next(unwrap(model).parameters()).device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(t)
+            t = t.cpu()
         total = float(t[-1])
         if total == 0:
             return {}
