@@ -75,7 +75,7 @@ def test_commands_and_pipeline_resolve_a_preset_identically(tmp_path, preset):
 def test_small_is_the_default_preset_of_every_command(tmp_path):
     assert _command_config("stage1", ["--out", str(tmp_path)]).llm_lr_ratio == 1.0  # small.yaml's
     assert _command_config("stage0", []).train.max_steps == 30
-    assert _command_config("evaluate", []).limit == 200
+    assert _command_config("evaluate", []).limit == 400
     assert _command_config("sweep-experts", ["--init", "x"]).preset == "small"
     with pytest.raises(ConfigError, match=r"--preset='huge' is not allowed; choose one of \['tiny', 'small', 'paper'\]"):
         command_config("stage1", "huge")
@@ -130,6 +130,20 @@ def test_tiny_pipeline_end_to_end(tiny_pipeline):
             assert Path(lineage["parent"]["path"]).resolve() == (out / parent / "model").resolve()
     stage2_cfg = json.loads((out / "stage2" / "model" / "config.json").read_text())
     assert "moe" in json.dumps(stage2_cfg)
+    # stage 2 reports closed-set validation accuracy and exports its best validation point
+    # (train.select_best: val_closed_acc): the export holds exactly the kept best weights
+    summary = re.search(r"^\[\d/6\] stage2: done.*$", stdout, re.M).group(0)
+    assert "val closed-set acc (first token)" in summary and "(best val_closed_acc" in summary, summary
+    import torch
+
+    from sepit.models.moe import plain_moe_state_dict
+    from sepit.models.sepit_lm import SepitForConditionalGeneration
+
+    last = sorted((out / "stage2" / "ray_results" / "stage2").glob("checkpoint_step*"))[-1]
+    best = plain_moe_state_dict(torch.load(last / "best_rank0.pt", map_location="cpu"))
+    exported = SepitForConditionalGeneration.from_pretrained(out / "stage2" / "model").state_dict()
+    assert set(exported) <= set(best)
+    assert all(torch.equal(exported[k], best[k]) for k in exported)
 
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert (out / "eval" / "report.md").is_file()
