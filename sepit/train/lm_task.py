@@ -149,40 +149,22 @@ class InstructionTask(TrainTask):
     def forward_loss(self, model, batch):
         return self._loss(model, batch)[:2]
 
-    def evaluate(self, model, batches):
-        """Validation loss (as the base class) plus, for closed-set rows, the accuracy of the
-        option chosen by its first answer token (:func:`closed_set_choice`):
-        ``val_closed_acc`` over yes/no and multiple choice, ``val_<task>_acc`` and ``val_<task>_n``
-        per task, summed over ranks."""
-        import torch.distributed as dist
+    def validation_step(self, model, batch):
+        """Loss and parts, plus ``<task>_correct`` / ``<task>_rows`` of the closed-set rows, the
+        option chosen by its first answer token (:func:`closed_set_choice`)."""
+        loss, parts, out = self._loss(model, batch)
+        counters = {}
+        for task, hits in closed_set_choice(out.logits, out.labels, batch.get("closed") or []).items():
+            counters[f"{task}_correct"], counters[f"{task}_rows"] = float(sum(hits)), float(len(hits))
+        return loss, parts, counters
 
-        sums: dict[str, float] = {}
-        n = 0.0
-        closed = {t: [0.0, 0.0] for t in CLOSED_TASKS}  # correct, rows
-        for batch in batches:
-            loss, parts, out = self._loss(model, batch)
-            k = float(batch["num_examples"])
-            for name, v in {"loss": float(loss.detach()), **parts}.items():
-                sums[name] = sums.get(name, 0.0) + float(v) * k
-            n += k
-            for task, hits in closed_set_choice(out.logits, out.labels, batch.get("closed") or []).items():
-                closed[task][0] += sum(hits)
-                closed[task][1] += len(hits)
-        keys = sorted(sums)  # the same on every rank: each runs the same number of batches
-        flat = [sums.get(k, 0.0) for k in keys] + [x for t in CLOSED_TASKS for x in closed[t]] + [n]
-        t = torch.tensor(flat, dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            t = t.to(next(unwrap(model).parameters()).device)  # NCCL reduces CUDA tensors only
-            dist.all_reduce(t)
-            t = t.cpu()
-        total = float(t[-1])
-        if total == 0:
-            return {}
-        metrics = {f"val_{k}": float(v) / total for k, v in zip(keys, t[:len(keys)].tolist())}
-        counts = t[len(keys):-1].tolist()
+    def validation_metrics(self, counts):
+        """``val_closed_acc`` over yes/no and multiple choice, ``val_<task>_acc`` and
+        ``val_<task>_n`` per task (counts summed over ranks)."""
+        metrics: dict[str, float] = {}
         hits = rows = 0.0
-        for i, task in enumerate(CLOSED_TASKS):
-            c, r = counts[2 * i], counts[2 * i + 1]
+        for task in CLOSED_TASKS:
+            c, r = counts.get(f"{task}_correct", 0.0), counts.get(f"{task}_rows", 0.0)
             if r:
                 metrics[f"val_{task}_acc"] = 100.0 * c / r
                 metrics[f"val_{task}_n"] = r

@@ -85,31 +85,47 @@ class TrainTask:
     def evaluate(self, model: Any, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Validation metrics over this rank's batches, reduced over ranks.
 
-        The default is the example-weighted mean of ``forward_loss`` (``val_loss``) and of every
-        loss part (``val_<part>``).  Every rank must run the same number of batches (the loop
-        guarantees it) because ZeRO-3 forwards are collective.
+        The example-weighted mean of the loss (``val_loss``) and of every loss part
+        (``val_<part>``) of :meth:`validation_step`, plus :meth:`validation_metrics` of its
+        counters summed over batches and ranks.  Every rank must run the same number of batches
+        (the loop guarantees it) because ZeRO-3 forwards are collective.
         """
         import torch.distributed as dist
 
         sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
         n = 0.0
         for batch in batches:
-            loss, parts = self.forward_loss(model, batch)
+            loss, parts, counters = self.validation_step(model, batch)
             k = float(batch["num_examples"])
-            sums["loss"] = sums.get("loss", 0.0) + float(loss) * k
-            for name, v in parts.items():
+            for name, v in {"loss": float(loss.detach()), **parts}.items():
                 sums[name] = sums.get(name, 0.0) + float(v) * k
+            for name, v in counters.items():
+                counts[name] = counts.get(name, 0.0) + float(v)
             n += k
-        keys = sorted(sums)
-        t = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64)
+        # the same keys on every rank: each runs the same number of batches of the same task
+        keys, count_keys = sorted(sums), sorted(counts)
+        t = torch.tensor([sums[k] for k in keys] + [counts[k] for k in count_keys] + [n], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             t = t.to(next(unwrap(model).parameters()).device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(t)
             t = t.cpu()
-        total = float(t[-1])
+        values = t.tolist()
+        total = values[-1]
         if total == 0:
             return {}
-        return {f"val_{k}": float(v) / total for k, v in zip(keys, t[:-1].tolist())}
+        metrics = {f"val_{k}": v / total for k, v in zip(keys, values)}
+        metrics.update(self.validation_metrics(dict(zip(count_keys, values[len(keys):-1]))))
+        return metrics
+
+    def validation_step(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+        """(loss, loss parts, counters) of one validation batch; the default counts nothing."""
+        loss, parts = self.forward_loss(model, batch)
+        return loss, parts, {}
+
+    def validation_metrics(self, counts: dict[str, float]) -> dict[str, float]:
+        """Extra validation metrics from the counters summed over batches and ranks."""
+        return {}
 
     def step_metrics(self, model: Any) -> dict[str, float]:
         """Extra per-step metrics read from the model after a step (e.g. tokens per expert)."""
